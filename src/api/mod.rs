@@ -1,0 +1,59 @@
+//! The QStash v2 HTTP API. Each resource is a file exporting a `router()`; this file assembles them
+//! behind authentication and gives unknown routes a JSON 404/405.
+//!
+//! The API only validates and produces to Kafka; it knows nothing of delivery.
+
+pub mod auth;
+pub mod error;
+pub mod keys;
+pub mod publish;
+
+use axum::http::Uri;
+use axum::middleware;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tower_http::trace::TraceLayer;
+
+use crate::kafka::Producer;
+use crate::signing::Signer;
+use error::ApiError;
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub producer: Producer,
+    pub signer: Signer,
+    pub tokens: auth::Tokens,
+    pub body_limit: usize,
+}
+
+/// The whole API as a router (tested with `oneshot`, served by `server`).
+pub fn router(state: AppState) -> Router {
+    let v2 = Router::new()
+        .merge(publish::router())
+        .merge(keys::router())
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.tokens.clone(),
+            auth::require_token,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(v2)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

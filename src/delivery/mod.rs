@@ -1,0 +1,72 @@
+//! The delivery stage: consume the `ready` topic and deliver each message over HTTP.
+//!
+//! Split by concern: `consumer` (parallel consumption with correct commits; knows nothing of
+//! HTTP), `offsets` (the pure commit arithmetic), `http` (prepare → call), `outcome` (record the
+//! result), `guard` (which addresses may be called). This file wires them into a worker.
+
+pub mod consumer;
+pub mod guard;
+pub mod http;
+pub mod offsets;
+pub mod outcome;
+
+use std::sync::Arc;
+
+use rdkafka::message::{Message, OwnedMessage};
+use tracing::Instrument;
+
+use crate::kafka::Producer;
+use crate::model::envelope::Envelope;
+use crate::model::event::{Event, State};
+use crate::model::now_ms;
+use consumer::RecordHandler;
+use http::{HttpDelivery, Outcome};
+
+/// Delivers one envelope per record.
+pub struct Deliverer {
+    http: HttpDelivery,
+    producer: Producer,
+}
+
+impl Deliverer {
+    pub fn new(http: HttpDelivery, producer: Producer) -> Arc<Self> {
+        Arc::new(Deliverer { http, producer })
+    }
+
+    async fn deliver(&self, envelope: Envelope) {
+        let outcome = match self.http.prepare(&envelope) {
+            Ok(request) => {
+                self.producer
+                    .enqueue_event(&Event::new(&envelope, State::Active, now_ms()));
+                self.http.call(request).await
+            }
+            Err(reason) => Outcome::Error(reason),
+        };
+        outcome::handle(&self.producer, &envelope, outcome).await;
+    }
+}
+
+impl RecordHandler for Deliverer {
+    async fn handle(&self, record: OwnedMessage) {
+        let (partition, offset) = (record.partition(), record.offset());
+        let envelope = match record.payload().map(Envelope::decode) {
+            Some(Ok(e)) => e,
+            Some(Err(e)) => {
+                tracing::error!(partition, offset, error = %e, "skipping a record that is not a kstash envelope");
+                return;
+            }
+            None => {
+                tracing::error!(partition, offset, "skipping a record without a value");
+                return;
+            }
+        };
+        let span = tracing::info_span!(
+            "deliver",
+            message_id = %envelope.message_id,
+            partition,
+            offset,
+            retried = envelope.retried
+        );
+        self.deliver(envelope).instrument(span).await;
+    }
+}

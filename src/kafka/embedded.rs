@@ -1,0 +1,173 @@
+//! The embedded Kafka cluster behind `kstash dev` and `cargo test`: librdkafka's mock cluster.
+//!
+//! It speaks the real Kafka protocol on loopback ports, so every other part of kstash talks to it
+//! exactly as to a real broker (same clients, same code path). Its limits (see KAFKA-NOTES.md)
+//! shape this file: topics are created through the mock API (CreateTopics hangs), group joins are
+//! sped up through one FFI call, and each partition silently keeps only ~5 MiB, which the
+//! truncation watchdog turns into a loud error instead of quiet data loss.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+
+/// Brokers in the embedded cluster. One: tests stop it with `broker_down(1)`.
+pub const EMBEDDED_BROKERS: i32 = 1;
+/// Id of the embedded cluster's only broker, for fault injection.
+pub const EMBEDDED_BROKER_ID: i32 = 1;
+/// The mock waits this long before the first group assignment (its default is 3 s).
+const INITIAL_REBALANCE_DELAY_MS: i32 = 50;
+/// Replication factor on the embedded cluster (a single broker).
+const EMBEDDED_REPLICATION: i32 = 1;
+/// Timeout for the watchdog's metadata look-ups.
+const WATCHDOG_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An in-process Kafka cluster; lives as long as this value.
+pub struct EmbeddedCluster {
+    /// The client that owns the mock cluster (created through `test.mock.num.brokers`).
+    anchor: BaseProducer,
+    bootstrap: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("embedded kafka: {0}")]
+pub struct EmbeddedError(String);
+
+impl EmbeddedCluster {
+    pub fn start() -> Result<Self, EmbeddedError> {
+        let anchor: BaseProducer = ClientConfig::new()
+            .set("test.mock.num.brokers", EMBEDDED_BROKERS.to_string())
+            .create()
+            .map_err(|e| EmbeddedError(e.to_string()))?;
+        let bootstrap = anchor
+            .client()
+            .mock_cluster()
+            .ok_or_else(|| EmbeddedError("librdkafka did not create a mock cluster".into()))?
+            .bootstrap_servers();
+        let cluster = EmbeddedCluster { anchor, bootstrap };
+        cluster.shorten_initial_rebalance_delay();
+        Ok(cluster)
+    }
+
+    /// `host:port` list to use as `bootstrap.servers`.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// The mock API, for topic creation and fault injection.
+    pub fn mock(&self) -> MockCluster<'_, DefaultProducerContext> {
+        self.anchor
+            .client()
+            .mock_cluster()
+            .expect("the anchor client owns a mock cluster")
+    }
+
+    /// Creates a topic (idempotent: the mock accepts an existing name).
+    pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), EmbeddedError> {
+        self.mock()
+            .create_topic(name, partitions, EMBEDDED_REPLICATION)
+            .map_err(|e| EmbeddedError(format!("create topic {name}: {e}")))
+    }
+
+    /// rust-rdkafka's `MockCluster` does not wrap `rd_kafka_mock_group_initial_rebalance_delay_ms`,
+    /// and without it every consumer group waits 3 s before its first assignment.
+    #[allow(unsafe_code)]
+    fn shorten_initial_rebalance_delay(&self) {
+        // SAFETY: `native_ptr` is the live rd_kafka_t owned by `self.anchor`, which outlives
+        // this call; `rd_kafka_handle_mock_cluster` returns the mock cluster that handle owns
+        // (null if none, checked), and the setter only stores an integer in it.
+        unsafe {
+            let handle = self.anchor.client().native_ptr();
+            let mock = rdkafka::bindings::rd_kafka_handle_mock_cluster(handle);
+            if !mock.is_null() {
+                rdkafka::bindings::rd_kafka_mock_group_initial_rebalance_delay_ms(
+                    mock,
+                    INITIAL_REBALANCE_DELAY_MS,
+                );
+            }
+        }
+    }
+}
+
+/// Watches `topic` for records the embedded cluster dropped before the consumer group finished
+/// with them: a partition whose low watermark has passed the group's committed offset lost data.
+/// Runs until `shutdown`; reports each loss once, loudly.
+pub async fn truncation_watchdog(
+    kafka: KafkaConfig,
+    topic: String,
+    partitions: i32,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let consumer: Arc<BaseConsumer> = match super::create_client(&kafka, super::Role::Consumer) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!(error = %e, "truncation watchdog could not start");
+            return;
+        }
+    };
+    let mut reported = vec![-1i64; usize::try_from(partitions).unwrap_or_default()];
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let (consumer, topic_name) = (consumer.clone(), topic.clone());
+        let check =
+            tokio::task::spawn_blocking(move || find_lost(&consumer, &topic_name, partitions))
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+        match check {
+            Ok(lost) => {
+                for (partition, committed, low) in lost {
+                    let slot = &mut reported[usize::try_from(partition).unwrap_or_default()];
+                    if *slot < low {
+                        *slot = low;
+                        tracing::error!(
+                            topic = %topic, partition, committed, low_watermark = low,
+                            lost = low - committed,
+                            "EMBEDDED KAFKA DROPPED RECORDS: the dev cluster keeps only ~5 MiB per partition and discarded records that were not yet delivered; use `kstash serve` with a real Kafka for this volume"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "truncation watchdog query failed"),
+        }
+    }
+}
+
+/// Partitions of `topic` whose low watermark passed the committed offset:
+/// `(partition, committed, low watermark)`.
+fn find_lost(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: i32,
+) -> Result<Vec<(i32, i64, i64)>, String> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, WATCHDOG_QUERY_TIMEOUT)
+        .map_err(|e| e.to_string())?;
+    let mut lost = Vec::new();
+    for elem in committed.elements() {
+        let Offset::Offset(committed) = elem.offset() else {
+            continue;
+        };
+        let (low, _) = consumer
+            .fetch_watermarks(topic, elem.partition(), WATCHDOG_QUERY_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        if low > committed {
+            lost.push((elem.partition(), committed, low));
+        }
+    }
+    Ok(lost)
+}

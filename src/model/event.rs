@@ -1,0 +1,144 @@
+//! Lifecycle events, written to the `events` topic (key: message id, so one message's events stay
+//! in order on one partition). They feed the logs API and any Kafka-native consumer.
+//!
+//! The JSON shape follows the QStash log entry (`qstash-api.md` §2.12) so the logs API can serve
+//! records nearly as stored; schema `schemas/event.v1.json`.
+
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{base64_bytes, Envelope, HeaderMap};
+
+/// Schema version written by this build.
+pub const EVENT_VERSION: u32 = 1;
+
+/// Message states as the SDKs spell them (`CANCELED`, one L).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum State {
+    Created,
+    Active,
+    Error,
+    Retry,
+    Delivered,
+    Failed,
+    CancelRequested,
+    Canceled,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub v: u32,
+    /// When it happened (unix ms).
+    pub time: i64,
+    pub message_id: String,
+    pub state: State,
+    pub url: String,
+    pub method: String,
+    /// Retries done so far when the event happened.
+    pub retried: u32,
+    pub max_retries: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header: Option<HeaderMap>,
+    #[serde(
+        rename = "responseBodyBase64",
+        with = "option_base64",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub response_body: Option<Vec<u8>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+}
+
+impl Event {
+    /// An event about `envelope` with nothing but its identity filled in.
+    pub fn new(envelope: &Envelope, state: State, time: i64) -> Self {
+        Event {
+            v: EVENT_VERSION,
+            time,
+            message_id: envelope.message_id.clone(),
+            state,
+            url: envelope.url.clone(),
+            method: envelope.method.clone(),
+            retried: envelope.retried,
+            max_retries: envelope.max_retries,
+            error: None,
+            response_status: None,
+            response_header: None,
+            response_body: None,
+            labels: envelope.labels.clone(),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("an event always serialises")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+mod option_base64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => super::base64_bytes::serialize(b, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::base64_bytes")] Vec<u8>);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn states_are_spelled_as_the_sdks_expect() {
+        assert_eq!(
+            serde_json::to_string(&State::Canceled).unwrap(),
+            "\"CANCELED\""
+        );
+        assert_eq!(
+            serde_json::to_string(&State::CancelRequested).unwrap(),
+            "\"CANCEL_REQUESTED\""
+        );
+    }
+
+    #[test]
+    fn round_trips_and_matches_the_published_schema() {
+        let mut e = Event::new(&crate::model::envelope::sample(), State::Error, 5);
+        e.response_status = Some(500);
+        e.response_body = Some(vec![1, 2, 3]);
+        e.response_header = Some(HeaderMap::from([("A".into(), vec!["b".into()])]));
+        e.error = Some("boom".into());
+        assert_eq!(Event::decode(&e.encode()).unwrap(), e);
+
+        let schema: Value =
+            serde_json::from_str(include_str!("../../schemas/event.v1.json")).unwrap();
+        let props = schema["properties"].as_object().unwrap();
+        let written: Value = serde_json::from_slice(&e.encode()).unwrap();
+        for key in written.as_object().unwrap().keys() {
+            assert!(props.contains_key(key), "field {key} missing from schema");
+        }
+        for key in schema["required"].as_array().unwrap() {
+            assert!(
+                written.get(key.as_str().unwrap()).is_some(),
+                "{key} not written"
+            );
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Starting and stopping a kstash process: topics, producer, API, delivery worker, and (on the
+//! embedded cluster) the truncation watchdog, all under one cancellation token.
+//!
+//! `start` returns once everything is listening, so a caller (main, or a test) can use the API at
+//! once; `stop` is the graceful path (stop taking work, drain, commit, flush). A crash needs no
+//! code: nothing is committed for unfinished work, so another process redelivers it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, auth::Tokens, AppState};
+use crate::config::Config;
+use crate::delivery::consumer::{ConsumerSettings, ParallelConsumer};
+use crate::delivery::guard::DestinationPolicy;
+use crate::delivery::http::HttpDelivery;
+use crate::delivery::Deliverer;
+use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
+use crate::kafka::{self, topics, Producer, Role, SetupError};
+use crate::signing::Signer;
+
+/// Extra time `stop` allows beyond the shutdown grace for the API and final commits.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// How long `stop` waits for the producer to hand over queued records.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Kafka(#[from] SetupError),
+    #[error("kafka consumer: {0}")]
+    Consumer(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error("http client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// A started kstash process.
+pub struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+    producer: Producer,
+    grace: Duration,
+    _embedded: Option<Arc<EmbeddedCluster>>,
+}
+
+impl Running {
+    /// Where the API listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Graceful stop: stop taking requests and records, finish or hand back in-flight work,
+    /// commit, flush.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        let all_done = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.grace + STOP_MARGIN, all_done)
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown took too long; aborting what is left");
+            self.tasks.abort_all();
+        }
+        let producer = self.producer.clone();
+        let _ = tokio::task::spawn_blocking(move || producer.flush(FLUSH_TIMEOUT)).await;
+        tracing::info!("kstash stopped");
+    }
+}
+
+/// Starts every role. With `embedded`, runs on that in-process cluster (whose bootstrap servers
+/// replace `kafka.brokers`); otherwise on the configured brokers.
+pub async fn start(
+    mut config: Config,
+    embedded: Option<Arc<EmbeddedCluster>>,
+) -> Result<Running, StartError> {
+    if let Some(cluster) = &embedded {
+        config.kafka.brokers = cluster.bootstrap_servers().to_string();
+        // More partitions spread the mock's per-partition size limit over more room.
+        config.topics.ready.partitions = config.dev.partitions;
+        config.topics.events.partitions = config.dev.partitions;
+    }
+    kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
+    topics::ensure(&config, embedded.as_deref()).await?;
+    let names = topics::TopicNames::new(&config.kafka.topic_prefix);
+    let producer = Producer::new(&config.kafka)?;
+    let signer = Signer::new(&config.signing.current_key, &config.signing.next_key);
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let http = HttpDelivery::new(
+        signer.clone(),
+        DestinationPolicy::new(config.delivery.allowed_networks.clone()),
+        &config.delivery.user_agent,
+        config.delivery.timeout,
+    )?;
+    let consumer = ParallelConsumer::new(
+        &kafka::client_config(&config.kafka, Role::Consumer).map_err(SetupError::from)?,
+        ConsumerSettings {
+            topic: names.ready.clone(),
+            max_in_flight: config.delivery.max_in_flight,
+            commit_interval: config.delivery.commit_interval,
+            shutdown_grace: config.server.shutdown_grace,
+        },
+    )?;
+    tasks.spawn(consumer.run(Deliverer::new(http, producer.clone()), shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| StartError::Bind(config.server.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.server.listen, e))?;
+    let app = api::router(AppState {
+        producer: producer.clone(),
+        signer,
+        tokens: Tokens::new(config.auth.tokens.clone()),
+        body_limit: config.server.body_limit,
+    });
+    let api_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let service = app.into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service)
+            .with_graceful_shutdown(api_shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "API server failed");
+        }
+    });
+
+    if embedded.is_some() {
+        tasks.spawn(truncation_watchdog(
+            config.kafka.clone(),
+            names.ready,
+            config.topics.ready.partitions,
+            config.dev.watchdog_interval,
+            shutdown.clone(),
+        ));
+    }
+    tracing::info!(%addr, brokers = %config.kafka.brokers, "kstash started");
+    Ok(Running {
+        addr,
+        shutdown,
+        tasks,
+        producer,
+        grace: config.server.shutdown_grace,
+        _embedded: embedded,
+    })
+}

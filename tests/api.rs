@@ -1,0 +1,178 @@
+//! The HTTP API as a `Router`, driven with `oneshot` (no sockets): authentication, errors as JSON
+//! with the right status, and "accepted means stored" (a 200 is only given once the envelope is on
+//! the ready topic).
+
+mod common;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use common::{TestKafka, TOKEN};
+use http_body_util::BodyExt;
+use kstash::api::{self, auth::Tokens, AppState};
+use kstash::model::envelope::Envelope;
+use kstash::signing::Signer;
+use serde_json::Value;
+use tower::ServiceExt;
+
+const BODY_LIMIT: usize = 1024;
+
+fn app(kafka: &TestKafka) -> Router {
+    let config = kafka.config();
+    api::router(AppState {
+        producer: kstash::kafka::Producer::new(&config.kafka).unwrap(),
+        signer: Signer::new(common::CURRENT_KEY, common::NEXT_KEY),
+        tokens: Tokens::new(vec![TOKEN.into()]),
+        body_limit: BODY_LIMIT,
+    })
+}
+
+async fn call(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| panic!("body is not JSON: {:?}", String::from_utf8_lossy(&bytes)));
+    (status, json)
+}
+
+fn post(uri: &str) -> axum::http::request::Builder {
+    Request::post(uri).header("authorization", format!("Bearer {TOKEN}"))
+}
+
+#[tokio::test]
+async fn v2_requires_a_valid_bearer_token() {
+    let kafka = TestKafka::new();
+    let app = app(&kafka);
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Basic dGVzdA=="),
+        Some(TOKEN),
+    ] {
+        let mut req = Request::get("/v2/keys");
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let (status, json) = call(&app, req.body(Body::empty()).unwrap()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
+        assert!(json["error"].is_string(), "{json}");
+    }
+    let (status, _) = call(&app, Request::get("/health").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::OK, "health needs no token");
+}
+
+#[tokio::test]
+async fn keys_returns_current_and_next() {
+    let kafka = TestKafka::new();
+    let req = Request::get("/v2/keys")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(Body::empty())
+        .unwrap();
+    let (status, json) = call(&app(&kafka), req).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(json["current"], common::CURRENT_KEY);
+    assert_eq!(json["next"], common::NEXT_KEY);
+}
+
+#[tokio::test]
+async fn client_mistakes_are_json_4xx() {
+    let kafka = TestKafka::new();
+    let app = app(&kafka);
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            post("/v2/publish/").body(Body::from("x")).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "missing",
+        ),
+        (
+            post("/v2/publish/ftp://example.com/x")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "http",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .header("Upstash-Delay", "10s")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "upstash-delay",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .header("Upstash-Method", "TRACE")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "Upstash-Method",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .body(Body::from(vec![b'a'; BODY_LIMIT + 1]))
+                .unwrap(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
+            post("/v2/nothing-here").body(Body::empty()).unwrap(),
+            StatusCode::NOT_FOUND,
+            "no route",
+        ),
+        (
+            Request::get("/v2/publish/https://example.com/x")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+    ];
+    for (req, expected, needle) in cases {
+        let uri = req.uri().to_string();
+        let (status, json) = call(&app, req).await;
+        assert_eq!(status, expected, "{uri}: {json}");
+        let error = json["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(needle),
+            "{uri}: {error:?} should mention {needle:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_publish_is_already_on_the_ready_topic() {
+    let kafka = TestKafka::new();
+    let config = kafka.config();
+    // Topics exist before the API is used (the server's start-up step).
+    kafka.create_topics(&config);
+    if kafka.is_real() {
+        kstash::kafka::topics::ensure(&config, None).await.unwrap();
+    }
+    let app = app(&kafka);
+    let req = post("/v2/publish/https://example.com/p?q=1")
+        .header("content-type", "text/plain")
+        .header("upstash-forward-a", "b")
+        .header("upstash-timeout", "5s")
+        .header("upstash-label", "l1,l2")
+        .body(Body::from("stored"))
+        .unwrap();
+    let (status, json) = call(&app, req).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+    let id = json["messageId"].as_str().unwrap().to_string();
+
+    // Once the 200 is out, the envelope must be readable from Kafka.
+    let ready = format!("{}ready", config.kafka.topic_prefix);
+    let records = kafka.read_until(&ready, |r| !r.is_empty());
+    let envelope = Envelope::decode(&records[0]).unwrap();
+    assert_eq!(envelope.message_id, id);
+    assert_eq!(envelope.url, "https://example.com/p?q=1");
+    assert_eq!(envelope.body, b"stored");
+    assert_eq!(envelope.method, "POST");
+    assert_eq!(envelope.header["Content-Type"], vec!["text/plain"]);
+    assert_eq!(envelope.header["A"], vec!["b"]);
+    assert_eq!(envelope.timeout_ms, Some(5000));
+    assert_eq!(envelope.labels, vec!["l1", "l2"]);
+    assert_eq!(envelope.retried, 0);
+}

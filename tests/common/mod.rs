@@ -1,0 +1,364 @@
+//! Shared integration-test harness.
+//!
+//! Every test gets its own Kafka namespace: by default a fresh embedded cluster (librdkafka's mock,
+//! the same code path as `kstash dev`); with `KSTASH_TEST_BROKERS=host:port` the real broker, with
+//! a unique topic prefix and consumer group per test. A scripted local HTTP receiver records what
+//! kstash delivers. Every wait is bounded and event-driven (channels, polling a condition with a
+//! deadline), never a bare sleep.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::Router;
+use kstash::config::{Config, Mode};
+use kstash::kafka::embedded::EmbeddedCluster;
+use kstash::server::{self, Running};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+/// Env var that switches the tests to a real broker.
+pub const BROKERS_ENV: &str = "KSTASH_TEST_BROKERS";
+pub const TOKEN: &str = "test-token";
+pub const CURRENT_KEY: &str = "sig_test_current_0123456789abcdefghijkl";
+pub const NEXT_KEY: &str = "sig_test_next_0123456789abcdefghijklmnop";
+/// Partitions of the test topics: several, so parallel partitions are exercised.
+pub const TEST_PARTITIONS: i32 = 4;
+/// Default bound of every wait in the tests.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The Kafka a test runs against.
+pub struct TestKafka {
+    pub embedded: Option<Arc<EmbeddedCluster>>,
+    pub brokers: String,
+    pub prefix: String,
+    pub group: String,
+}
+
+impl TestKafka {
+    pub fn new() -> Self {
+        let unique = format!(
+            "{}-{}-{}",
+            std::process::id(),
+            kstash::model::now_ms(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let prefix = format!("t{unique}.");
+        let group = format!("g{unique}");
+        match std::env::var(BROKERS_ENV) {
+            Ok(brokers) if !brokers.is_empty() => TestKafka {
+                embedded: None,
+                brokers,
+                prefix,
+                group,
+            },
+            _ => {
+                let cluster = EmbeddedCluster::start().expect("embedded cluster");
+                TestKafka {
+                    brokers: cluster.bootstrap_servers().to_string(),
+                    embedded: Some(Arc::new(cluster)),
+                    prefix,
+                    group,
+                }
+            }
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        self.embedded.is_none()
+    }
+
+    /// A kstash configuration for this namespace: test credentials, loopback allowed, fast
+    /// commits, API on a free port.
+    pub fn config(&self) -> Config {
+        let mut c = Config::defaults(Mode::Serve);
+        c.server.listen = "127.0.0.1:0".parse().unwrap();
+        c.server.shutdown_grace = Duration::from_secs(20);
+        c.auth.tokens = vec![TOKEN.to_string()];
+        c.signing.current_key = CURRENT_KEY.to_string();
+        c.signing.next_key = NEXT_KEY.to_string();
+        c.kafka.brokers = self.brokers.clone();
+        c.kafka.topic_prefix = self.prefix.clone();
+        c.kafka.group_id = self.group.clone();
+        c.kafka.replication_factor = 1;
+        // The real broker refuses session timeouts below its group.min.session.timeout.ms (6 s).
+        c.kafka.session_timeout = if self.is_real() {
+            Duration::from_secs(6)
+        } else {
+            Duration::from_secs(2)
+        };
+        c.topics.ready.partitions = TEST_PARTITIONS;
+        c.topics.events.partitions = TEST_PARTITIONS;
+        c.dev.partitions = TEST_PARTITIONS;
+        c.delivery.commit_interval = Duration::from_millis(100);
+        c.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
+        c.validate(Mode::Serve).expect("test config is valid");
+        c
+    }
+
+    /// Starts kstash in this process.
+    pub async fn start(&self, config: Config) -> Running {
+        server::start(config, self.embedded.clone())
+            .await
+            .expect("kstash starts")
+    }
+
+    /// Creates the topics ahead of a kstash that will not (a child process on the embedded
+    /// cluster, where only the mock API can create topics).
+    pub fn create_topics(&self, config: &Config) {
+        if let Some(cluster) = &self.embedded {
+            for spec in kstash::kafka::topics::specs(config) {
+                cluster.create_topic(&spec.name, spec.partitions).unwrap();
+            }
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", format!("{}-reader", self.group))
+            .set("enable.auto.commit", "false");
+        c
+    }
+
+    /// Reads every record of `topic` from the beginning until `done(records)` holds.
+    pub fn read_until(
+        &self,
+        topic: &str,
+        mut done: impl FnMut(&[Vec<u8>]) -> bool,
+    ) -> Vec<Vec<u8>> {
+        let consumer: BaseConsumer = self.client_config().create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..TEST_PARTITIONS {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let deadline = Instant::now() + WAIT;
+        let mut records = Vec::new();
+        while !done(&records) {
+            assert!(Instant::now() < deadline, "timed out reading {topic}");
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                records.push(m.payload().unwrap_or_default().to_vec());
+            }
+        }
+        records
+    }
+
+    /// Committed offset of the delivery group per partition of `topic`, and the high watermarks.
+    pub fn committed_and_high(&self, topic: &str) -> Vec<(i64, i64)> {
+        let mut c = self.client_config();
+        c.set("group.id", &self.group);
+        let consumer: BaseConsumer = c.create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..TEST_PARTITIONS {
+            tpl.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap();
+        (0..TEST_PARTITIONS)
+            .map(|p| {
+                let c = match committed.find_partition(topic, p).unwrap().offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap();
+                (c, high)
+            })
+            .collect()
+    }
+}
+
+/// One request as the receiver saw it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    pub uri: Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn message_id(&self) -> String {
+        self.header("upstash-message-id")
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// How the receiver answers.
+#[derive(Clone, Copy)]
+pub struct Script {
+    pub status: u16,
+    pub delay: Duration,
+}
+
+struct ReceiverState {
+    tx: mpsc::UnboundedSender<Received>,
+    script: Arc<Mutex<Script>>,
+}
+
+/// A local HTTP endpoint that records every request and answers as scripted.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    rx: mpsc::UnboundedReceiver<Received>,
+    script: Arc<Mutex<Script>>,
+    /// Deliveries per message id, over the receiver's whole life.
+    seen: HashMap<String, usize>,
+}
+
+impl Receiver {
+    pub async fn start() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let script = Arc::new(Mutex::new(Script {
+            status: 200,
+            delay: Duration::ZERO,
+        }));
+        let state = Arc::new(ReceiverState {
+            tx,
+            script: script.clone(),
+        });
+        let app = Router::new().fallback(record).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver {
+            addr,
+            rx,
+            script,
+            seen: HashMap::new(),
+        }
+    }
+
+    pub fn set(&self, script: Script) {
+        *self.script.lock().unwrap() = script;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn count(&mut self, r: &Received) {
+        *self.seen.entry(r.message_id()).or_insert(0) += 1;
+    }
+
+    /// The next request, or panic after `WAIT`.
+    pub async fn next(&mut self) -> Received {
+        let r = tokio::time::timeout(WAIT, self.rx.recv())
+            .await
+            .expect("timed out waiting for a delivery")
+            .expect("receiver closed");
+        self.count(&r);
+        r
+    }
+
+    /// Receives until `done` holds for the deliveries per message id seen so far (since the
+    /// receiver started), or panics after `within`. Returns those counts.
+    pub async fn collect_until(
+        &mut self,
+        within: Duration,
+        mut done: impl FnMut(&HashMap<String, usize>) -> bool,
+    ) -> HashMap<String, usize> {
+        let deadline = tokio::time::Instant::now() + within;
+        while !done(&self.seen) {
+            let r = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("timed out with {} distinct deliveries", self.seen.len())
+                })
+                .expect("receiver closed");
+            self.count(&r);
+        }
+        self.seen.clone()
+    }
+
+    /// Takes in what already arrived without waiting; returns all counts so far.
+    pub fn counts(&mut self) -> HashMap<String, usize> {
+        while let Ok(r) = self.rx.try_recv() {
+            self.count(&r);
+        }
+        self.seen.clone()
+    }
+}
+
+async fn record(
+    State(state): State<Arc<ReceiverState>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let script = *state.script.lock().unwrap();
+    let _ = state.tx.send(Received {
+        method,
+        uri,
+        headers,
+        body,
+        at: Instant::now(),
+    });
+    if !script.delay.is_zero() {
+        tokio::time::sleep(script.delay).await;
+    }
+    StatusCode::from_u16(script.status).unwrap()
+}
+
+/// A client for kstash's API.
+pub struct Api {
+    pub base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Self {
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Publishes `body` to `destination` with extra headers; returns status and JSON body.
+    pub async fn publish(
+        &self,
+        destination: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .post(format!("{}/v2/publish/{destination}", self.base))
+            .bearer_auth(TOKEN)
+            .body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = req.send().await.expect("publish request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, json)
+    }
+
+    /// Publishes and insists on success; returns the message id.
+    pub async fn publish_ok(&self, destination: &str, body: &'static str) -> String {
+        let (status, json) = self.publish(destination, body, &[]).await;
+        assert_eq!(status, 200, "{json}");
+        json["messageId"].as_str().unwrap().to_string()
+    }
+}
