@@ -48,6 +48,7 @@ pub struct Config {
     pub kafka: KafkaConfig,
     pub topics: TopicsConfig,
     pub delivery: DeliveryConfig,
+    pub delay: DelayConfig,
     pub dev: DevConfig,
 }
 
@@ -81,6 +82,7 @@ pub struct KafkaConfig {
     pub topic_prefix: String,
     pub client_id: String,
     pub group_id: String,
+    pub delay_group_id: String,
     pub create_topics: bool,
     pub replication_factor: i32,
     #[serde(with = "humantime_serde")]
@@ -97,6 +99,8 @@ pub struct KafkaConfig {
 #[serde(deny_unknown_fields)]
 pub struct TopicsConfig {
     pub ready: TopicConfig,
+    pub delay: TopicConfig,
+    pub dlq: TopicConfig,
     pub events: TopicConfig,
 }
 
@@ -116,8 +120,20 @@ pub struct DeliveryConfig {
     pub commit_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    pub default_retries: u32,
+    pub max_retries: u32,
     pub user_agent: String,
     pub allowed_networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DelayConfig {
+    #[serde(deserialize_with = "durations")]
+    pub buckets: Vec<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,6 +271,13 @@ fn env_key_to_path(key: &str) -> String {
         Some((section, rest)) => format!("{section}.{rest}"),
         None => lower,
     }
+}
+
+fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| humantime::parse_duration(s).map_err(serde::de::Error::custom))
+        .collect()
 }
 
 fn list_or_comma_separated<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {

@@ -14,12 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, auth::Tokens, AppState};
 use crate::config::Config;
+use crate::delay::Delayer;
 use crate::delivery::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::delivery::guard::DestinationPolicy;
 use crate::delivery::http::HttpDelivery;
 use crate::delivery::Deliverer;
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
 use crate::kafka::{self, topics, Producer, Role, SetupError};
+use crate::model::headers::Limits;
 use crate::signing::Signer;
 
 /// Extra time `stop` allows beyond the shutdown grace for the API and final commits.
@@ -84,11 +86,13 @@ pub async fn start(
         // More partitions spread the mock's per-partition size limit over more room.
         config.topics.ready.partitions = config.dev.partitions;
         config.topics.events.partitions = config.dev.partitions;
+        config.topics.delay.partitions = config.dev.partitions;
+        config.topics.dlq.partitions = config.dev.partitions;
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
     topics::ensure(&config, embedded.as_deref()).await?;
-    let names = topics::TopicNames::new(&config.kafka.topic_prefix);
-    let producer = Producer::new(&config.kafka)?;
+    let names = topics::TopicNames::of(&config);
+    let producer = Producer::new(&config.kafka, topics::ladder(&config))?;
     let signer = Signer::new(&config.signing.current_key, &config.signing.next_key);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -102,13 +106,33 @@ pub async fn start(
     let consumer = ParallelConsumer::new(
         &kafka::client_config(&config.kafka, Role::Consumer).map_err(SetupError::from)?,
         ConsumerSettings {
-            topic: names.ready.clone(),
+            topics: vec![names.ready.clone()],
             max_in_flight: config.delivery.max_in_flight,
             commit_interval: config.delivery.commit_interval,
             shutdown_grace: config.server.shutdown_grace,
         },
     )?;
-    tasks.spawn(consumer.run(Deliverer::new(http, producer.clone()), shutdown.clone()));
+    tasks.spawn(consumer.run(
+        Deliverer::new(http, producer.clone(), shutdown.clone()),
+        shutdown.clone(),
+    ));
+
+    let mut delay_kafka = config.kafka.clone();
+    delay_kafka.group_id = config.kafka.delay_group_id.clone();
+    let delay_consumer = ParallelConsumer::new(
+        &kafka::client_config(&delay_kafka, Role::Consumer).map_err(SetupError::from)?,
+        ConsumerSettings {
+            topics: names.delay.clone(),
+            max_in_flight: config.delay.max_in_flight,
+            commit_interval: config.delivery.commit_interval,
+            // Held last stretches are handed back at once on shutdown; the next owner re-reads them.
+            shutdown_grace: config.server.shutdown_grace,
+        },
+    )?;
+    tasks.spawn(delay_consumer.run(
+        Delayer::new(producer.clone(), shutdown.clone()),
+        shutdown.clone(),
+    ));
 
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -121,6 +145,11 @@ pub async fn start(
         signer,
         tokens: Tokens::new(config.auth.tokens.clone()),
         body_limit: config.server.body_limit,
+        limits: Limits {
+            max_delay: config.delay.max_delay,
+            default_retries: config.delivery.default_retries,
+            max_retries: config.delivery.max_retries,
+        },
     });
     let api_shutdown = shutdown.clone();
     tasks.spawn(async move {

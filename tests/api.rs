@@ -20,10 +20,19 @@ const BODY_LIMIT: usize = 1024;
 fn app(kafka: &TestKafka) -> Router {
     let config = kafka.config();
     api::router(AppState {
-        producer: kstash::kafka::Producer::new(&config.kafka).unwrap(),
+        producer: kstash::kafka::Producer::new(
+            &config.kafka,
+            kstash::kafka::topics::ladder(&config),
+        )
+        .unwrap(),
         signer: Signer::new(common::CURRENT_KEY, common::NEXT_KEY),
         tokens: Tokens::new(vec![TOKEN.into()]),
         body_limit: BODY_LIMIT,
+        limits: kstash::model::headers::Limits {
+            max_delay: config.delay.max_delay,
+            default_retries: config.delivery.default_retries,
+            max_retries: config.delivery.max_retries,
+        },
     })
 }
 
@@ -94,11 +103,19 @@ async fn client_mistakes_are_json_4xx() {
         ),
         (
             post("/v2/publish/https://example.com/x")
-                .header("Upstash-Delay", "10s")
+                .header("Upstash-Delay", "400d")
                 .body(Body::from("x"))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
-            "upstash-delay",
+            "maximum delay",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .header("Upstash-Callback", "https://example.com/cb")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "upstash-callback",
         ),
         (
             post("/v2/publish/https://example.com/x")

@@ -139,13 +139,14 @@ async fn lifecycle_events_are_written_to_the_events_topic() {
     let api = Api::new(kstash.addr());
     let mut ok = Receiver::start().await;
     let mut failing = Receiver::start().await;
-    failing.set(Script {
-        status: 500,
-        delay: Duration::ZERO,
-    });
+    failing.set(Script::status(500));
 
     let delivered = api.publish_ok(&ok.url("/ok"), "fine").await;
-    let errored = api.publish_ok(&failing.url("/fail"), "boom").await;
+    let (status, json) = api
+        .publish(&failing.url("/fail"), "boom", &[("Upstash-Retries", "0")])
+        .await;
+    assert_eq!(status, 200, "{json}");
+    let errored = json["messageId"].as_str().unwrap().to_string();
     ok.next().await;
     failing.next().await;
 
@@ -158,7 +159,7 @@ async fn lifecycle_events_are_written_to_the_events_topic() {
             .collect()
     };
     let records = kafka.read_until(&events_topic, |r| {
-        states_of(r, &delivered).len() == 3 && states_of(r, &errored).len() == 3
+        states_of(r, &delivered).len() == 3 && states_of(r, &errored).len() == 4
     });
     assert_eq!(
         states_of(&records, &delivered),
@@ -166,7 +167,7 @@ async fn lifecycle_events_are_written_to_the_events_topic() {
     );
     assert_eq!(
         states_of(&records, &errored),
-        vec![State::Created, State::Active, State::Error]
+        vec![State::Created, State::Active, State::Error, State::Failed]
     );
     let error_event = records
         .iter()
@@ -187,10 +188,7 @@ async fn slow_destinations_do_not_block_others_and_in_flight_is_bounded() {
     let kstash = kafka.start(config).await;
     let api = Api::new(kstash.addr());
     let mut slow = Receiver::start().await;
-    slow.set(Script {
-        status: 200,
-        delay: Duration::from_secs(3),
-    });
+    slow.set(Script::slow(Duration::from_secs(3)));
     // More slow messages than the bound: at most IN_FLIGHT may be in the receiver at once, and
     // the consumer has to pause (each call outlasts its pause threshold) and resume.
     let mut ids = HashSet::new();

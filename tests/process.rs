@@ -64,12 +64,17 @@ next_key = "{next}"
 brokers = "{brokers}"
 topic_prefix = "{prefix}"
 group_id = "{group}"
+delay_group_id = "{group}-delay"
 create_topics = {create}
 replication_factor = 1
 session_timeout = "{session}ms"
 [topics.ready]
 partitions = {partitions}
 [topics.events]
+partitions = {partitions}
+[topics.delay]
+partitions = {partitions}
+[topics.dlq]
 partitions = {partitions}
 [delivery]
 max_in_flight = {max_in_flight}
@@ -248,10 +253,7 @@ async fn a_killed_process_loses_nothing_it_accepted() {
     let dir = scratch_dir();
     let mut receiver = Receiver::start().await;
     // Slow enough that deliveries are in flight when the process dies.
-    receiver.set(Script {
-        status: 200,
-        delay: Duration::from_millis(100),
-    });
+    receiver.set(Script::slow(Duration::from_millis(100)));
     let destination = receiver.url("/crash");
 
     let mut first = ServeProcess::spawn(&kafka, &dir, "first", 8).await;
@@ -326,10 +328,7 @@ async fn sigterm_drains_in_flight_work_and_nothing_is_delivered_twice() {
     kafka.create_topics(&kafka.config());
     let dir = scratch_dir();
     let mut receiver = Receiver::start().await;
-    receiver.set(Script {
-        status: 200,
-        delay: Duration::from_millis(1500),
-    });
+    receiver.set(Script::slow(Duration::from_millis(1500)));
     let destination = receiver.url("/drain");
 
     let mut first = ServeProcess::spawn(&kafka, &dir, "first", 4).await;
@@ -349,10 +348,7 @@ async fn sigterm_drains_in_flight_work_and_nothing_is_delivered_twice() {
     let log = first.log_text();
     assert!(log.contains("draining in-flight work"), "{log}");
 
-    receiver.set(Script {
-        status: 200,
-        delay: Duration::ZERO,
-    });
+    receiver.set(Script::ok());
     let mut second = ServeProcess::spawn(&kafka, &dir, "second", 4).await;
     receiver
         .collect_until(WAIT, |c| ids.iter().all(|id| c.contains_key(id)))

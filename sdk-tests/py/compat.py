@@ -125,6 +125,7 @@ class Handler(BaseHTTPRequestHandler):
             "path": self.path.split("?", 1)[0],
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "body": body,
+            "received_at": time.time(),
         }
         with cond:
             deliveries.append(record)
@@ -328,11 +329,25 @@ def run_suite(receiver_base):
             if keys:
                 check_signature("publish_json", d, json_dest, keys)
 
-    # 3. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-    def delay_is_400():
+    # 3. A delayed publish arrives, and not before its delay.
+    def delay_is_honoured():
+        path = f"/py/{run_id}/delayed"
+        sent = time.time()
+        bounded(lambda: client.message.publish(url=f"{receiver_base}{path}", body="later", delay=1),
+                "publish(delay)")
+        d = wait_for_delivery(path)
+        waited = d["received_at"] - sent
+        if waited < 1.0:
+            raise CheckFailed(f"arrived after {waited:.3f} s, want >= 1 s")
+
+    check("publish with delay=1 arrives no earlier than 1 s later", delay_is_honoured)
+
+    # 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
+    def callback_is_400():
         e = expect_raises(QStashError, lambda: bounded(lambda: client.message.publish(
-            url=f"{receiver_base}/py/{run_id}/delay", body="x", delay=10), "publish(delay)"),
-            "publish(delay)")
+            url=f"{receiver_base}/py/{run_id}/cb", body="x",
+            callback=f"{receiver_base}/py/{run_id}/callback"), "publish(callback)"),
+            "publish(callback)")
         if "status: 400," not in str(e):
             raise CheckFailed(f"got {type(e).__name__}: {e}, want status 400")
         body = str(e).split("body: ", 1)[-1]
@@ -343,9 +358,9 @@ def run_suite(receiver_base):
         if not isinstance(parsed, dict) or not isinstance(parsed.get("error"), str):
             raise CheckFailed(f'error body lacks "error": {body!r}')
 
-    check("publish with delay (unsupported) raises QStashError status 400", delay_is_400)
+    check("publish with callback (not supported yet) raises QStashError status 400", callback_is_400)
 
-    # 4. A wrong token is rejected with 401.
+    # 5. A wrong token is rejected with 401.
     def bad_token_is_401():
         bad = QStash("not-the-token", base_url=BASE_URL)
         e = expect_raises(QStashError, lambda: bounded(lambda: bad.message.publish(

@@ -145,6 +145,7 @@ const server = http.createServer((req, res) => {
       headers: req.headers,
       rawHeaders: req.rawHeaders,
       body: Buffer.concat(chunks),
+      receivedAt: Date.now(),
     };
     deliveries.push(record);
     res.writeHead(200, { "content-type": "text/plain" });
@@ -337,15 +338,24 @@ try {
     }
   }
 
-  // 3. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-  await check("publish with delay (unsupported) throws QstashError status 400", async () => {
+  // 3. A delayed publish arrives, and not before its delay.
+  await check("publish with delay: 1 arrives no earlier than 1 s later", async () => {
+    const path = `/ts/${runId}/delayed`;
+    const sent = Date.now();
+    await withTimeout(client.publish({ url: `${RECEIVER}${path}`, body: "later", delay: 1 }), CALL_TIMEOUT_MS, "publish(delay)");
+    const d = await waitForDelivery(path);
+    if (d.receivedAt - sent < 1000) throw new Error(`arrived after ${d.receivedAt - sent} ms, want >= 1000`);
+  });
+
+  // 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
+  await check("publish with callback (not supported yet) throws QstashError status 400", async () => {
     const error = await expectReject(
       withTimeout(
-        client.publish({ url: `${RECEIVER}/ts/${runId}/delay`, body: "x", delay: 10 }),
+        client.publish({ url: `${RECEIVER}/ts/${runId}/cb`, body: "x", callback: `${RECEIVER}/ts/${runId}/callback` }),
         CALL_TIMEOUT_MS,
-        "publish(delay)",
+        "publish(callback)",
       ),
-      "publish(delay)",
+      "publish(callback)",
     );
     if (!(error instanceof QstashError)) throw new Error(`got ${error?.name}: ${error?.message}, want QstashError`);
     expectEqual(error.status, 400, `status (message ${error.message})`);
@@ -358,7 +368,7 @@ try {
     if (typeof parsed?.error !== "string") throw new Error(`error body lacks "error": ${error.message}`);
   });
 
-  // 4. A wrong token is rejected with 401.
+  // 5. A wrong token is rejected with 401.
   await check("publish with a wrong token throws QstashError status 401", async () => {
     const bad = new Client({ baseUrl: BASE_URL, token: "not-the-token" });
     const error = await expectReject(
@@ -369,7 +379,7 @@ try {
     expectEqual(error.status, 401, `status (message ${error.message})`);
   });
 
-  // 5. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
+  // 6. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
   await devModeChecks();
 } catch (error) {
   notOk("suite crashed", error?.stack ?? error);

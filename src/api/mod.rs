@@ -26,6 +26,7 @@ pub struct AppState {
     pub signer: Signer,
     pub tokens: auth::Tokens,
     pub body_limit: usize,
+    pub limits: crate::model::headers::Limits,
 }
 
 /// The whole API as a router (tested with `oneshot`, served by `server`).

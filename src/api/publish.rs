@@ -1,8 +1,8 @@
 //! `POST /v2/publish/{destination}`: accept a message and store it in Kafka.
 //!
 //! The destination is read from the raw request target (see `model::destination`); the answer
-//! `{"messageId","url"}` is sent only after Kafka acknowledged the envelope on the ready topic
-//! (`acks=all`), so an accepted message survives any crash from then on. The CREATED event is
+//! `{"messageId","url"}` is sent only after Kafka acknowledged the envelope on the ready topic, or
+//! on the delay ladder when it is due later (`acks=all`), so an accepted message survives any crash from then on. The CREATED event is
 //! produced alongside; losing it would cost a log line, not a message, so it does not fail the call.
 
 use std::net::SocketAddr;
@@ -35,10 +35,10 @@ async fn publish(State(state): State<AppState>, request: Request) -> Result<Json
         .map(|c| c.0.ip().to_string());
     let (parts, body) = request.into_parts();
     let url = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
-    let options = headers::parse_publish(&parts.headers)?;
+    let now = now_ms();
+    let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
     let body = read_body(body, state.body_limit).await?;
 
-    let now = now_ms();
     let envelope = Envelope {
         v: ENVELOPE_VERSION,
         message_id: ids::message_id(),
@@ -47,9 +47,10 @@ async fn publish(State(state): State<AppState>, request: Request) -> Result<Json
         header: options.forward,
         body,
         created_at: now,
-        not_before: now,
+        not_before: options.not_before.unwrap_or(now),
         max_retries: options.max_retries,
         retried: 0,
+        retry_delay_expression: options.retry_delay,
         timeout_ms: options
             .timeout
             .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
@@ -58,7 +59,7 @@ async fn publish(State(state): State<AppState>, request: Request) -> Result<Json
     };
     let created = Event::new(&envelope, EventState::Created, now);
     let (stored, event) = tokio::join!(
-        state.producer.send_ready(&envelope),
+        state.producer.send_envelope(&envelope),
         state.producer.send_event(&created)
     );
     let ack = stored
@@ -70,6 +71,7 @@ async fn publish(State(state): State<AppState>, request: Request) -> Result<Json
         message_id = %envelope.message_id,
         partition = ack.partition,
         offset = ack.offset,
+        not_before = envelope.not_before,
         "accepted"
     );
     Ok(Json(json!({

@@ -13,27 +13,33 @@ pub mod outcome;
 use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
 use crate::model::now_ms;
-use consumer::RecordHandler;
+use consumer::{Done, RecordHandler};
 use http::{HttpDelivery, Outcome};
 
 /// Delivers one envelope per record.
 pub struct Deliverer {
     http: HttpDelivery,
     producer: Producer,
+    shutdown: CancellationToken,
 }
 
 impl Deliverer {
-    pub fn new(http: HttpDelivery, producer: Producer) -> Arc<Self> {
-        Arc::new(Deliverer { http, producer })
+    pub fn new(http: HttpDelivery, producer: Producer, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Deliverer {
+            http,
+            producer,
+            shutdown,
+        })
     }
 
-    async fn deliver(&self, envelope: Envelope) {
+    async fn deliver(&self, envelope: Envelope) -> Done {
         let outcome = match self.http.prepare(&envelope) {
             Ok(request) => {
                 self.producer
@@ -42,22 +48,22 @@ impl Deliverer {
             }
             Err(reason) => Outcome::Error(reason),
         };
-        outcome::handle(&self.producer, &envelope, outcome).await;
+        outcome::handle(&self.producer, &self.shutdown, &envelope, outcome).await
     }
 }
 
 impl RecordHandler for Deliverer {
-    async fn handle(&self, record: OwnedMessage) {
+    async fn handle(&self, record: OwnedMessage) -> Done {
         let (partition, offset) = (record.partition(), record.offset());
         let envelope = match record.payload().map(Envelope::decode) {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
                 tracing::error!(partition, offset, error = %e, "skipping a record that is not a kstash envelope");
-                return;
+                return Done::Finished;
             }
             None => {
                 tracing::error!(partition, offset, "skipping a record without a value");
-                return;
+                return Done::Finished;
             }
         };
         let span = tracing::info_span!(
@@ -67,6 +73,6 @@ impl RecordHandler for Deliverer {
             offset,
             retried = envelope.retried
         );
-        self.deliver(envelope).instrument(span).await;
+        self.deliver(envelope).instrument(span).await
     }
 }

@@ -1,17 +1,81 @@
-//! The last step of an attempt: record what happened.
+//! The last step of an attempt: decide what follows it, make that durable, record events.
 //!
-//! A 2xx becomes a DELIVERED event; anything else an ERROR event with the status, response or
-//! error text. The event is awaited: a record counts as finished (and its offset committable) only
-//! once its outcome is durable in Kafka. Retries, the DLQ and callbacks hang off this step in later
-//! versions; today a failed attempt is final (messages carry `maxRetries` 0).
+//! [`decide`] is pure: a 2xx is delivered; 489 with `Upstash-NonRetryable-Error: true`, or an
+//! attempt with no retries left, fails for good; anything else is retried after the delay the
+//! destination asked for (`Retry-After` & co.), else the message's `Upstash-Retry-Delay`
+//! expression, else the default backoff. [`handle`] then acts: a retry is a new copy of the
+//! envelope (`retried` + 1, `notBefore` = the retry time) produced through the delay ladder, so a
+//! failing endpoint never blocks others; a failure is a record on the DLQ topic. The record counts
+//! as finished only once that copy is acknowledged by Kafka. Events: DELIVERED, or ERROR followed
+//! by RETRY or FAILED.
 
+use tokio_util::sync::CancellationToken;
+
+use super::consumer::Done;
 use super::http::{Outcome, Response};
+use crate::kafka::producer::until_acked;
 use crate::kafka::Producer;
+use crate::model::dlq::{DlqRecord, DLQ_VERSION};
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
-use crate::model::now_ms;
+use crate::model::retry::{default_backoff, retry_after, RetryDelayExpr};
+use crate::model::{ids, now_ms};
 
-/// The event that records `outcome`.
+/// Status with which a destination refuses retries (with [`NON_RETRYABLE_HEADER`]).
+pub const NON_RETRYABLE_STATUS: u16 = 489;
+/// Response header that makes a 489 final.
+pub const NON_RETRYABLE_HEADER: &str = "upstash-nonretryable-error";
+
+/// What follows an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Delivered,
+    /// Try again at this unix time (ms).
+    Retry {
+        at_ms: i64,
+    },
+    /// No more attempts.
+    Fail,
+}
+
+/// Decides what follows `outcome` for `envelope` at `now_ms`.
+pub fn decide(envelope: &Envelope, outcome: &Outcome, now_ms: i64) -> Decision {
+    let response = match outcome {
+        Outcome::Delivered(_) => return Decision::Delivered,
+        Outcome::Failed(r) => Some(r),
+        Outcome::Error(_) => None,
+    };
+    if response.is_some_and(is_non_retryable) || envelope.retried >= envelope.max_retries {
+        return Decision::Fail;
+    }
+    let delay = response
+        .and_then(|r| retry_after(&r.header, now_ms))
+        .or_else(|| {
+            let source = envelope.retry_delay_expression.as_deref()?;
+            match RetryDelayExpr::parse(source).and_then(|e| e.eval(envelope.retried)) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    tracing::warn!(error = %e, "Upstash-Retry-Delay failed; using the default backoff");
+                    None
+                }
+            }
+        })
+        .unwrap_or_else(|| default_backoff(envelope.retried + 1));
+    let delay_ms = i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+    Decision::Retry {
+        at_ms: now_ms.saturating_add(delay_ms),
+    }
+}
+
+fn is_non_retryable(r: &Response) -> bool {
+    r.status == NON_RETRYABLE_STATUS
+        && r.header.iter().any(|(name, values)| {
+            name.eq_ignore_ascii_case(NON_RETRYABLE_HEADER)
+                && values.iter().any(|v| v.trim().eq_ignore_ascii_case("true"))
+        })
+}
+
+/// The event that records the attempt itself.
 pub fn event_for(envelope: &Envelope, outcome: &Outcome, time: i64) -> Event {
     let with_response = |state: State, r: &Response| {
         let mut event = Event::new(envelope, state, time);
@@ -24,37 +88,175 @@ pub fn event_for(envelope: &Envelope, outcome: &Outcome, time: i64) -> Event {
         Outcome::Delivered(r) => with_response(State::Delivered, r),
         Outcome::Failed(r) => {
             let mut event = with_response(State::Error, r);
-            event.error = Some(format!("destination answered {}", r.status));
+            event.error = Some(failure_text(outcome));
             event
         }
-        Outcome::Error(reason) => {
+        Outcome::Error(_) => {
             let mut event = Event::new(envelope, State::Error, time);
-            event.error = Some(reason.clone());
+            event.error = Some(failure_text(outcome));
             event
         }
     }
 }
 
-/// Records the outcome of an attempt durably.
-pub async fn handle(producer: &Producer, envelope: &Envelope, outcome: Outcome) {
-    match &outcome {
-        Outcome::Delivered(r) => tracing::info!(status = r.status, "delivered"),
-        Outcome::Failed(r) => tracing::warn!(status = r.status, "delivery failed"),
-        Outcome::Error(reason) => tracing::warn!(error = %reason, "delivery failed"),
+fn failure_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Delivered(r) | Outcome::Failed(r) => format!("destination answered {}", r.status),
+        Outcome::Error(reason) => reason.clone(),
     }
-    let event = event_for(envelope, &outcome, now_ms());
-    if let Err(e) = producer.send_event(&event).await {
-        tracing::error!(error = %e, state = ?event.state, "could not record the outcome event");
+}
+
+/// Acts on the outcome of an attempt; `HandedBack` when Kafka could not take the follow-up before
+/// shutdown (the attempt is then made again by whoever reads the record next).
+pub async fn handle(
+    producer: &Producer,
+    shutdown: &CancellationToken,
+    envelope: &Envelope,
+    outcome: Outcome,
+) -> Done {
+    let now = now_ms();
+    let decision = decide(envelope, &outcome, now);
+    let mut attempt_event = event_for(envelope, &outcome, now);
+    let mut follow_up = None;
+    match &decision {
+        Decision::Delivered => {
+            tracing::info!(status = attempt_event.response_status, "delivered");
+        }
+        Decision::Retry { at_ms } => {
+            let mut next = envelope.clone();
+            next.retried += 1;
+            next.not_before = *at_ms;
+            if !until_acked(shutdown, "retry", || producer.send_envelope(&next)).await {
+                return Done::HandedBack;
+            }
+            tracing::warn!(
+                error = attempt_event.error.as_deref(),
+                next_delivery_time = at_ms,
+                "attempt failed; retry scheduled"
+            );
+            attempt_event.next_delivery_time = Some(*at_ms);
+            let mut retry = Event::new(&next, State::Retry, now);
+            retry.next_delivery_time = Some(*at_ms);
+            follow_up = Some(retry);
+        }
+        Decision::Fail => {
+            let (status, header, body) = match &outcome {
+                Outcome::Failed(r) | Outcome::Delivered(r) => {
+                    (Some(r.status), Some(r.header.clone()), r.body.clone())
+                }
+                Outcome::Error(_) => (None, None, Vec::new()),
+            };
+            let record = DlqRecord {
+                v: DLQ_VERSION,
+                dlq_id: ids::dlq_id(),
+                failed_at: now,
+                message: envelope.clone(),
+                response_status: status,
+                response_header: header,
+                response_body: body,
+                error: failure_text(&outcome),
+            };
+            if !until_acked(shutdown, "dead letter", || producer.send_dlq(&record)).await {
+                return Done::HandedBack;
+            }
+            tracing::warn!(error = %record.error, dlq_id = %record.dlq_id, "message failed; moved to the DLQ");
+            let mut failed = Event::new(envelope, State::Failed, now);
+            failed.error = Some(record.error.clone());
+            follow_up = Some(failed);
+        }
     }
+    for event in std::iter::once(attempt_event).chain(follow_up) {
+        if let Err(e) = producer.send_event(&event).await {
+            tracing::error!(error = %e, state = ?event.state, "could not record an event");
+        }
+    }
+    Done::Finished
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::envelope::sample;
+    use crate::model::envelope::{sample, HeaderMap};
+
+    fn response(status: u16, headers: &[(&str, &str)]) -> Response {
+        Response {
+            status,
+            header: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect::<HeaderMap>(),
+            body: vec![],
+        }
+    }
+
+    fn envelope(retried: u32, max_retries: u32, expr: Option<&str>) -> Envelope {
+        let mut e = sample();
+        e.retried = retried;
+        e.max_retries = max_retries;
+        e.retry_delay_expression = expr.map(String::from);
+        e
+    }
+
+    const NOW: i64 = 1_000_000;
 
     #[test]
-    fn outcomes_map_to_states() {
+    fn outcomes_map_to_decisions() {
+        let e = envelope(0, 3, None);
+        let ok = Outcome::Delivered(response(204, &[]));
+        assert_eq!(decide(&e, &ok, NOW), Decision::Delivered);
+        // default backoff: e^2.5 ≈ 12.18 s before the first retry
+        match decide(&e, &Outcome::Failed(response(500, &[])), NOW) {
+            Decision::Retry { at_ms } => {
+                assert!((12_000..12_300).contains(&(at_ms - NOW)), "{at_ms}")
+            }
+            d => panic!("{d:?}"),
+        }
+        let last = envelope(3, 3, None);
+        assert_eq!(
+            decide(&last, &Outcome::Error("timed out".into()), NOW),
+            Decision::Fail
+        );
+    }
+
+    #[test]
+    fn non_retryable_needs_both_status_and_header() {
+        let e = envelope(0, 3, None);
+        let final_489 = response(489, &[("Upstash-NonRetryable-Error", "true")]);
+        assert_eq!(decide(&e, &Outcome::Failed(final_489), NOW), Decision::Fail);
+        let plain_489 = response(489, &[]);
+        assert!(matches!(
+            decide(&e, &Outcome::Failed(plain_489), NOW),
+            Decision::Retry { .. }
+        ));
+        let header_only = response(500, &[("upstash-nonretryable-error", "true")]);
+        assert!(matches!(
+            decide(&e, &Outcome::Failed(header_only), NOW),
+            Decision::Retry { .. }
+        ));
+    }
+
+    #[test]
+    fn retry_after_beats_the_expression_which_beats_the_default() {
+        let e = envelope(2, 5, Some("1000 * (1 + retried)"));
+        let plain = Outcome::Failed(response(503, &[]));
+        assert_eq!(
+            decide(&e, &plain, NOW),
+            Decision::Retry { at_ms: NOW + 3000 }
+        );
+        let asked = Outcome::Failed(response(429, &[("retry-after", "7")]));
+        assert_eq!(
+            decide(&e, &asked, NOW),
+            Decision::Retry { at_ms: NOW + 7000 }
+        );
+        let broken = envelope(0, 5, Some("1 / 0"));
+        match decide(&broken, &plain, NOW) {
+            Decision::Retry { at_ms } => assert!(at_ms - NOW > 12_000, "falls back to the default"),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn attempt_events() {
         let e = sample();
         let ok = Response {
             status: 204,

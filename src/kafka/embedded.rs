@@ -10,8 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -68,11 +70,15 @@ impl EmbeddedCluster {
             .expect("the anchor client owns a mock cluster")
     }
 
-    /// Creates a topic (idempotent: the mock accepts an existing name).
+    /// Creates a topic; one that exists already is fine (idempotent, as on a real cluster).
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), EmbeddedError> {
-        self.mock()
+        match self
+            .mock()
             .create_topic(name, partitions, EMBEDDED_REPLICATION)
-            .map_err(|e| EmbeddedError(format!("create topic {name}: {e}")))
+        {
+            Ok(()) | Err(KafkaError::MockCluster(RDKafkaErrorCode::TopicAlreadyExists)) => Ok(()),
+            Err(e) => Err(EmbeddedError(format!("create topic {name}: {e}"))),
+        }
     }
 
     /// rust-rdkafka's `MockCluster` does not wrap `rd_kafka_mock_group_initial_rebalance_delay_ms`,

@@ -15,24 +15,46 @@ use rdkafka::types::RDKafkaErrorCode;
 use super::embedded::EmbeddedCluster;
 use super::{create_client, Role, SetupError};
 use crate::config::{Config, TopicConfig};
+use crate::delay::ladder::Ladder;
 
 /// How long admin and metadata calls may take at start-up.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often start-up re-reads metadata while waiting for new topics to appear.
+const METADATA_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The full names of kstash's topics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicNames {
     pub ready: String,
+    /// One per delay-ladder step, in step order.
+    pub delay: Vec<String>,
+    pub dlq: String,
     pub events: String,
 }
 
 impl TopicNames {
-    pub fn new(prefix: &str) -> Self {
+    pub fn new(prefix: &str, ladder: &Ladder) -> Self {
         TopicNames {
             ready: format!("{prefix}ready"),
+            delay: ladder
+                .topic_suffixes()
+                .iter()
+                .map(|s| format!("{prefix}{s}"))
+                .collect(),
+            dlq: format!("{prefix}dlq"),
             events: format!("{prefix}events"),
         }
     }
+
+    /// The names for `config`.
+    pub fn of(config: &Config) -> Self {
+        Self::new(&config.kafka.topic_prefix, &ladder(config))
+    }
+}
+
+/// The delay ladder of a validated config.
+pub fn ladder(config: &Config) -> Ladder {
+    Ladder::new(&config.delay.buckets).expect("validated configuration has a valid ladder")
 }
 
 /// One topic to make sure of.
@@ -45,16 +67,24 @@ pub struct TopicSpec {
 
 /// The topics `config` asks for, with full names.
 pub fn specs(config: &Config) -> Vec<TopicSpec> {
-    let names = TopicNames::new(&config.kafka.topic_prefix);
+    let names = TopicNames::of(config);
     let spec = |name: String, t: &TopicConfig| TopicSpec {
         name,
         partitions: t.partitions,
         config: t.config.clone().into_iter().collect(),
     };
-    vec![
+    let mut specs = vec![
         spec(names.ready, &config.topics.ready),
         spec(names.events, &config.topics.events),
-    ]
+        spec(names.dlq, &config.topics.dlq),
+    ];
+    specs.extend(
+        names
+            .delay
+            .into_iter()
+            .map(|n| spec(n, &config.topics.delay)),
+    );
+    specs
 }
 
 /// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists.
@@ -105,28 +135,46 @@ async fn create(config: &Config, specs: &[TopicSpec]) -> Result<(), SetupError> 
     Ok(())
 }
 
+/// Waits (up to [`ADMIN_TIMEOUT`]) until every topic shows up in metadata: a real cluster
+/// propagates newly created topics to all brokers with a short lag.
 fn check_exist(kafka: &crate::config::KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
     let client: BaseConsumer = create_client(kafka, Role::Admin)?;
+    let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     for s in specs {
-        let metadata = client.fetch_metadata(Some(&s.name), ADMIN_TIMEOUT)?;
-        let topic = metadata
-            .topics()
-            .first()
-            .ok_or_else(|| SetupError::Topics(format!("{} missing from metadata", s.name)))?;
-        if let Some(err) = topic.error() {
-            return Err(SetupError::Topics(format!(
-                "topic {} is not usable: {:?} (create it, or set kafka.create_topics = true)",
-                s.name,
-                RDKafkaErrorCode::from(err)
-            )));
-        }
-        let partitions = i32::try_from(topic.partitions().len()).unwrap_or(i32::MAX);
-        if partitions < s.partitions {
-            tracing::warn!(
-                topic = %s.name, partitions, configured = s.partitions,
-                "topic has fewer partitions than configured; kstash does not add partitions"
-            );
+        loop {
+            match topic_partitions(&client, &s.name) {
+                Ok(partitions) => {
+                    if partitions < s.partitions {
+                        tracing::warn!(
+                            topic = %s.name, partitions, configured = s.partitions,
+                            "topic has fewer partitions than configured; kstash does not add partitions"
+                        );
+                    }
+                    break;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::debug!(topic = %s.name, error = %e, "waiting for topic metadata");
+                    std::thread::sleep(METADATA_POLL_INTERVAL);
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
+}
+
+/// Partitions of `topic`, or why it is not usable.
+fn topic_partitions(client: &BaseConsumer, topic: &str) -> Result<i32, SetupError> {
+    let metadata = client.fetch_metadata(Some(topic), ADMIN_TIMEOUT)?;
+    let t = metadata
+        .topics()
+        .first()
+        .ok_or_else(|| SetupError::Topics(format!("{topic} missing from metadata")))?;
+    if let Some(err) = t.error() {
+        return Err(SetupError::Topics(format!(
+            "topic {topic} is not usable: {:?} (create it, or set kafka.create_topics = true)",
+            RDKafkaErrorCode::from(err)
+        )));
+    }
+    Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))
 }

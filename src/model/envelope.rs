@@ -41,6 +41,9 @@ pub struct Envelope {
     pub max_retries: u32,
     /// Attempts made so far (0 before the first).
     pub retried: u32,
+    /// `Upstash-Retry-Delay` expression (ms), evaluated after each failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_delay_expression: Option<String>,
     /// Per-attempt timeout (ms) set by `Upstash-Timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
@@ -103,6 +106,7 @@ pub(crate) fn sample() -> Envelope {
         not_before: 2,
         max_retries: 0,
         retried: 0,
+        retry_delay_expression: Some("1000 * (1 + retried)".into()),
         timeout_ms: Some(1000),
         labels: vec!["a".into()],
         caller_ip: Some("127.0.0.1".into()),

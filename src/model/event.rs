@@ -51,6 +51,9 @@ pub struct Event {
         skip_serializing_if = "Option::is_none"
     )]
     pub response_body: Option<Vec<u8>>,
+    /// When the next attempt is due (unix ms), on ERROR and RETRY events of a retried message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_delivery_time: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
 }
@@ -71,6 +74,7 @@ impl Event {
             response_status: None,
             response_header: None,
             response_body: None,
+            next_delivery_time: None,
             labels: envelope.labels.clone(),
         }
     }
@@ -125,6 +129,7 @@ mod tests {
         e.response_body = Some(vec![1, 2, 3]);
         e.response_header = Some(HeaderMap::from([("A".into(), vec!["b".into()])]));
         e.error = Some("boom".into());
+        e.next_delivery_time = Some(9);
         assert_eq!(Event::decode(&e.encode()).unwrap(), e);
 
         let schema: Value =

@@ -10,6 +10,7 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 
 use super::envelope::HeaderMap as JsonHeaderMap;
+use super::retry::RetryDelayExpr;
 
 /// Prefix of headers forwarded to the destination with the prefix removed.
 pub const FORWARD_PREFIX: &str = "upstash-forward-";
@@ -19,10 +20,7 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 pub const DEFAULT_METHOD: &str = "POST";
 
 /// Headers that are recognised but whose feature this build does not have yet.
-const NOT_YET_SUPPORTED: [&str; 11] = [
-    "upstash-delay",
-    "upstash-not-before",
-    "upstash-retry-delay",
+const NOT_YET_SUPPORTED: [&str; 8] = [
     "upstash-callback",
     "upstash-failure-callback",
     "upstash-deduplication-id",
@@ -38,25 +36,48 @@ const NOT_YET_SUPPORTED: [&str; 11] = [
 #[error("{0}")]
 pub struct HeaderError(pub String);
 
+/// Server-side limits a publish is checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Longest `Upstash-Delay` / distance of `Upstash-Not-Before` into the future.
+    pub max_delay: Duration,
+    /// Retries when `Upstash-Retries` is absent.
+    pub default_retries: u32,
+    /// Largest accepted `Upstash-Retries`.
+    pub max_retries: u32,
+}
+
 /// What the headers of one publish ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishOptions {
     pub method: String,
+    /// Not to be delivered before (unix ms); `None` means now.
+    pub not_before: Option<i64>,
     /// Headers for the destination (Content-Type and forwarded ones), publisher's case.
     pub forward: JsonHeaderMap,
     pub timeout: Option<Duration>,
     pub labels: Vec<String>,
     pub max_retries: u32,
+    /// `Upstash-Retry-Delay`, validated.
+    pub retry_delay: Option<String>,
 }
 
-/// Parses the control headers of a publish.
-pub fn parse_publish(headers: &HeaderMap) -> Result<PublishOptions, HeaderError> {
+/// Parses the control headers of a publish received at `now_ms`.
+pub fn parse_publish(
+    headers: &HeaderMap,
+    limits: &Limits,
+    now_ms: i64,
+) -> Result<PublishOptions, HeaderError> {
+    let mut delay: Option<Duration> = None;
+    let mut not_before_secs: Option<i64> = None;
     let mut options = PublishOptions {
+        not_before: None,
         method: DEFAULT_METHOD.to_string(),
         forward: JsonHeaderMap::new(),
         timeout: None,
         labels: Vec::new(),
-        max_retries: 0,
+        max_retries: limits.default_retries,
+        retry_delay: None,
     };
     for (name, value) in headers {
         let lower = name.as_str(); // http lower-cases names
@@ -99,6 +120,20 @@ pub fn parse_publish(headers: &HeaderMap) -> Result<PublishOptions, HeaderError>
                 return Err(HeaderError("Upstash-Timeout must be positive".into()));
             }
             options.timeout = Some(d);
+        } else if lower == "upstash-delay" {
+            delay = Some(
+                parse_duration(text()?).map_err(|e| HeaderError(format!("Upstash-Delay: {e}")))?,
+            );
+        } else if lower == "upstash-not-before" {
+            let secs: i64 = text()?.parse().map_err(|_| {
+                HeaderError("Upstash-Not-Before must be a unix timestamp in seconds".into())
+            })?;
+            if secs < 0 {
+                return Err(HeaderError(
+                    "Upstash-Not-Before must not be negative".into(),
+                ));
+            }
+            not_before_secs = Some(secs);
         } else if lower == "upstash-label" {
             options.labels.extend(
                 text()?
@@ -111,12 +146,18 @@ pub fn parse_publish(headers: &HeaderMap) -> Result<PublishOptions, HeaderError>
             let retries: u32 = text()?.parse().map_err(|_| {
                 HeaderError("Upstash-Retries must be a non-negative integer".into())
             })?;
-            if retries > 0 {
-                return Err(HeaderError(
-                    "Upstash-Retries above 0 is not supported yet by this kstash build (retries arrive with the delay ladder)".into(),
-                ));
+            if retries > limits.max_retries {
+                return Err(HeaderError(format!(
+                    "Upstash-Retries {retries} is above the maximum of {}",
+                    limits.max_retries
+                )));
             }
             options.max_retries = retries;
+        } else if lower == "upstash-retry-delay" {
+            let source = text()?;
+            RetryDelayExpr::parse(source)
+                .map_err(|e| HeaderError(format!("Upstash-Retry-Delay: {e}")))?;
+            options.retry_delay = Some(source.to_string());
         } else if lower == "upstash-content-based-deduplication" {
             if text()?.eq_ignore_ascii_case("true") {
                 return Err(not_yet(lower));
@@ -130,7 +171,35 @@ pub fn parse_publish(headers: &HeaderMap) -> Result<PublishOptions, HeaderError>
         // Everything else (Authorization, telemetry, other Upstash-* headers, hop-by-hop headers)
         // stays here: only Content-Type and Upstash-Forward-* reach the destination.
     }
+    let max_delay_ms = i64::try_from(limits.max_delay.as_millis()).unwrap_or(i64::MAX);
+    // Upstash-Not-Before wins over Upstash-Delay.
+    let not_before = match (not_before_secs, delay) {
+        (Some(secs), _) => Some(secs.saturating_mul(MILLIS_PER_SECOND)),
+        (None, Some(d)) => {
+            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            if ms > max_delay_ms {
+                return Err(too_far("Upstash-Delay", limits));
+            }
+            Some(now_ms.saturating_add(ms))
+        }
+        (None, None) => None,
+    };
+    if let Some(nb) = not_before {
+        if nb.saturating_sub(now_ms) > max_delay_ms {
+            return Err(too_far("Upstash-Not-Before", limits));
+        }
+    }
+    options.not_before = not_before;
     Ok(options)
+}
+
+const MILLIS_PER_SECOND: i64 = 1000;
+
+fn too_far(header: &str, limits: &Limits) -> HeaderError {
+    HeaderError(format!(
+        "{header} is further away than the maximum delay of {}",
+        humantime::format_duration(limits.max_delay)
+    ))
 }
 
 fn not_yet(name: &str) -> HeaderError {
@@ -208,6 +277,17 @@ mod tests {
     use axum::http::{HeaderName, HeaderValue};
     use proptest::prelude::*;
 
+    const LIMITS: Limits = Limits {
+        max_delay: Duration::from_secs(7 * 86400),
+        default_retries: 3,
+        max_retries: 5,
+    };
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn parse_publish(h: &HeaderMap) -> Result<PublishOptions, HeaderError> {
+        super::parse_publish(h, &LIMITS, NOW)
+    }
+
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
@@ -250,6 +330,24 @@ mod tests {
         assert_eq!(o.method, "PUT");
         assert_eq!(o.timeout, Some(Duration::from_millis(1500)));
         assert_eq!(o.labels, vec!["a", "b"]);
+        assert_eq!(o.max_retries, 0);
+        assert_eq!(
+            parse_publish(&headers(&[])).unwrap().max_retries,
+            3,
+            "default"
+        );
+        let o = parse_publish(&headers(&[(
+            "upstash-retry-delay",
+            "pow(2, retried) * 1000",
+        )]))
+        .unwrap();
+        assert_eq!(o.retry_delay.as_deref(), Some("pow(2, retried) * 1000"));
+        assert!(
+            parse_publish(&headers(&[("upstash-retries", "6")])).is_err(),
+            "above max"
+        );
+        let err = parse_publish(&headers(&[("upstash-retry-delay", "2 ** retried")])).unwrap_err();
+        assert!(err.0.contains("Upstash-Retry-Delay"), "{err}");
         assert!(parse_publish(&headers(&[("upstash-method", "TRACE")])).is_err());
         assert!(parse_publish(&headers(&[("upstash-timeout", "0s")])).is_err());
         assert!(parse_publish(&headers(&[("upstash-retries", "-1")])).is_err());
@@ -258,9 +356,6 @@ mod tests {
     #[test]
     fn unimplemented_features_are_refused_not_ignored() {
         for (k, v) in [
-            ("Upstash-Delay", "10s"),
-            ("Upstash-Not-Before", "1"),
-            ("Upstash-Retries", "3"),
             ("Upstash-Callback", "https://x.com"),
             ("Upstash-Callback-Forward-A", "b"),
             ("Upstash-Deduplication-Id", "x"),
@@ -277,6 +372,29 @@ mod tests {
             "False",
         )]))
         .unwrap();
+    }
+
+    #[test]
+    fn delay_and_not_before() {
+        let o = parse_publish(&headers(&[("Upstash-Delay", "1d10h30m")])).unwrap();
+        assert_eq!(o.not_before, Some(NOW + (86400 + 36000 + 1800) * 1000));
+        let o = parse_publish(&headers(&[
+            ("Upstash-Delay", "10s"),
+            ("Upstash-Not-Before", "1700000100"),
+        ]))
+        .unwrap();
+        assert_eq!(o.not_before, Some(1_700_000_100_000), "Not-Before wins");
+        assert_eq!(parse_publish(&headers(&[])).unwrap().not_before, None);
+        for (k, v, needle) in [
+            ("Upstash-Delay", "8d", "maximum delay"),
+            ("Upstash-Delay", "soon", "Upstash-Delay"),
+            ("Upstash-Not-Before", "1800000000", "maximum delay"),
+            ("Upstash-Not-Before", "-5", "negative"),
+            ("Upstash-Not-Before", "12.5", "unix timestamp"),
+        ] {
+            let err = parse_publish(&headers(&[(k, v)])).expect_err(v);
+            assert!(err.0.contains(needle), "{k}: {v}: {err}");
+        }
     }
 
     #[test]

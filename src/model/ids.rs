@@ -11,6 +11,8 @@ const RANDOM_BYTES: usize = 16;
 
 /// Prefix of message ids.
 pub const MESSAGE_ID_PREFIX: &str = "msg_";
+/// Prefix of dead-letter ids.
+pub const DLQ_ID_PREFIX: &str = "dlq_";
 /// Prefix of JWT ids (`jti`).
 pub const JWT_ID_PREFIX: &str = "jwt_";
 
@@ -25,6 +27,11 @@ fn random_id(prefix: &str) -> String {
 /// A new message id.
 pub fn message_id() -> String {
     random_id(MESSAGE_ID_PREFIX)
+}
+
+/// A new dead-letter id.
+pub fn dlq_id() -> String {
+    random_id(DLQ_ID_PREFIX)
 }
 
 /// A new JWT id.

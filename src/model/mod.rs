@@ -4,10 +4,12 @@
 //! and event types are the Kafka-native contract; their JSON Schemas live in `schemas/`.
 
 pub mod destination;
+pub mod dlq;
 pub mod envelope;
 pub mod event;
 pub mod headers;
 pub mod ids;
+pub mod retry;
 
 /// Milliseconds since the Unix epoch, the time unit of every JSON timestamp in the QStash API.
 pub fn now_ms() -> i64 {

@@ -46,6 +46,14 @@ pub struct TestKafka {
 
 impl TestKafka {
     pub fn new() -> Self {
+        // kstash's logs in test output (shown for failing tests); RUST_LOG filters them.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .try_init();
         let unique = format!(
             "{}-{}-{}",
             std::process::id(),
@@ -89,6 +97,7 @@ impl TestKafka {
         c.kafka.brokers = self.brokers.clone();
         c.kafka.topic_prefix = self.prefix.clone();
         c.kafka.group_id = self.group.clone();
+        c.kafka.delay_group_id = format!("{}-delay", self.group);
         c.kafka.replication_factor = 1;
         // The real broker refuses session timeouts below its group.min.session.timeout.ms (6 s).
         c.kafka.session_timeout = if self.is_real() {
@@ -98,6 +107,8 @@ impl TestKafka {
         };
         c.topics.ready.partitions = TEST_PARTITIONS;
         c.topics.events.partitions = TEST_PARTITIONS;
+        c.topics.delay.partitions = TEST_PARTITIONS;
+        c.topics.dlq.partitions = TEST_PARTITIONS;
         c.dev.partitions = TEST_PARTITIONS;
         c.delivery.commit_interval = Duration::from_millis(100);
         c.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
@@ -189,6 +200,8 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// Arrival, unix ms.
+    pub wall_ms: i64,
 }
 
 impl Received {
@@ -204,15 +217,51 @@ impl Received {
 }
 
 /// How the receiver answers.
-#[derive(Clone, Copy)]
+#[derive(Clone, Default)]
 pub struct Script {
+    /// Status once the first `fail_first` attempts of a message have failed (0 means 200).
     pub status: u16,
     pub delay: Duration,
+    /// Attempts per message id answered with `fail_status` and `fail_headers` first.
+    pub fail_first: usize,
+    pub fail_status: u16,
+    pub fail_headers: Vec<(&'static str, &'static str)>,
+}
+
+impl Script {
+    pub fn ok() -> Self {
+        Script::default()
+    }
+
+    pub fn status(status: u16) -> Self {
+        Script {
+            status,
+            ..Script::default()
+        }
+    }
+
+    pub fn slow(delay: Duration) -> Self {
+        Script {
+            delay,
+            ..Script::default()
+        }
+    }
+
+    /// Fails the first `k` attempts of each message with `status` (and `headers`), then 200.
+    pub fn fail_first(k: usize, status: u16, headers: &[(&'static str, &'static str)]) -> Self {
+        Script {
+            fail_first: k,
+            fail_status: status,
+            fail_headers: headers.to_vec(),
+            ..Script::default()
+        }
+    }
 }
 
 struct ReceiverState {
     tx: mpsc::UnboundedSender<Received>,
     script: Arc<Mutex<Script>>,
+    attempts: Mutex<HashMap<String, usize>>,
 }
 
 /// A local HTTP endpoint that records every request and answers as scripted.
@@ -227,13 +276,11 @@ pub struct Receiver {
 impl Receiver {
     pub async fn start() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let script = Arc::new(Mutex::new(Script {
-            status: 200,
-            delay: Duration::ZERO,
-        }));
+        let script = Arc::new(Mutex::new(Script::ok()));
         let state = Arc::new(ReceiverState {
             tx,
             script: script.clone(),
+            attempts: Mutex::new(HashMap::new()),
         });
         let app = Router::new().fallback(record).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -304,19 +351,46 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> StatusCode {
-    let script = *state.script.lock().unwrap();
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let script = state.script.lock().unwrap().clone();
+    let id = headers
+        .get("upstash-message-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let attempt = {
+        let mut attempts = state.attempts.lock().unwrap();
+        let n = attempts.entry(id).or_insert(0);
+        *n += 1;
+        *n
+    };
     let _ = state.tx.send(Received {
         method,
         uri,
         headers,
         body,
         at: Instant::now(),
+        wall_ms: kstash::model::now_ms(),
     });
     if !script.delay.is_zero() {
         tokio::time::sleep(script.delay).await;
     }
-    StatusCode::from_u16(script.status).unwrap()
+    if attempt <= script.fail_first {
+        let mut response = StatusCode::from_u16(script.fail_status)
+            .unwrap()
+            .into_response();
+        for (k, v) in &script.fail_headers {
+            response.headers_mut().insert(*k, v.parse().unwrap());
+        }
+        return response;
+    }
+    let status = if script.status == 0 {
+        200
+    } else {
+        script.status
+    };
+    StatusCode::from_u16(status).unwrap().into_response()
 }
 
 /// A client for kstash's API.

@@ -1,0 +1,80 @@
+//! Dead-letter records: a message whose last attempt failed, with that attempt's result.
+//!
+//! Stored on the compacted `dlq` topic keyed by dlq id, so deleting an entry (or retrying it) is a
+//! tombstone and the topic converges to the live entries; schema `schemas/dlq.v1.json`.
+
+use serde::{Deserialize, Serialize};
+
+use super::envelope::{base64_bytes, Envelope, HeaderMap};
+
+/// Schema version written by this build.
+pub const DLQ_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DlqRecord {
+    pub v: u32,
+    pub dlq_id: String,
+    /// When the message failed for good (unix ms).
+    pub failed_at: i64,
+    /// The message as it was on its last attempt.
+    pub message: Envelope,
+    /// Status of the last attempt; absent when it got no response (timeout, connection error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_header: Option<HeaderMap>,
+    #[serde(
+        rename = "responseBodyBase64",
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        with = "base64_bytes"
+    )]
+    pub response_body: Vec<u8>,
+    /// Why the last attempt failed.
+    pub error: String,
+}
+
+impl DlqRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a DLQ record always serialises")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn round_trips_and_matches_the_published_schema() {
+        let r = DlqRecord {
+            v: DLQ_VERSION,
+            dlq_id: "dlq_1".into(),
+            failed_at: 3,
+            message: crate::model::envelope::sample(),
+            response_status: Some(500),
+            response_header: Some(HeaderMap::from([("a".into(), vec!["b".into()])])),
+            response_body: b"down".to_vec(),
+            error: "destination answered 500".into(),
+        };
+        assert_eq!(DlqRecord::decode(&r.encode()).unwrap(), r);
+        let schema: Value =
+            serde_json::from_str(include_str!("../../schemas/dlq.v1.json")).unwrap();
+        let props = schema["properties"].as_object().unwrap();
+        let written: Value = serde_json::from_slice(&r.encode()).unwrap();
+        for key in written.as_object().unwrap().keys() {
+            assert!(props.contains_key(key), "field {key} missing from schema");
+        }
+        for key in schema["required"].as_array().unwrap() {
+            assert!(
+                written.get(key.as_str().unwrap()).is_some(),
+                "{key} not written"
+            );
+        }
+    }
+}
