@@ -49,6 +49,7 @@ pub struct Config {
     pub topics: TopicsConfig,
     pub delivery: DeliveryConfig,
     pub delay: DelayConfig,
+    pub state: StateConfig,
     pub dev: DevConfig,
 }
 
@@ -101,6 +102,8 @@ pub struct TopicsConfig {
     pub ready: TopicConfig,
     pub delay: TopicConfig,
     pub dlq: TopicConfig,
+    pub cancellations: TopicConfig,
+    pub dedup: TopicConfig,
     pub events: TopicConfig,
 }
 
@@ -134,6 +137,18 @@ pub struct DelayConfig {
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
     pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    pub dir: String,
+    #[serde(with = "humantime_serde")]
+    pub events_retention: Duration,
+    #[serde(with = "humantime_serde")]
+    pub prune_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +233,9 @@ impl Config {
             if topic.partitions < 1 {
                 return invalid(format!("topics.{name}.partitions must be at least 1"));
             }
+        }
+        if self.state.prune_interval.is_zero() {
+            return invalid("state.prune_interval must be positive".into());
         }
         if self.dev.partitions < 1 {
             return invalid("dev.partitions must be at least 1".into());

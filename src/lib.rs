@@ -13,3 +13,4 @@ pub mod kafka;
 pub mod model;
 pub mod server;
 pub mod signing;
+pub mod state;

@@ -23,6 +23,8 @@ use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
 use crate::kafka::{self, topics, Producer, Role, SetupError};
 use crate::model::headers::Limits;
 use crate::signing::Signer;
+use crate::state::tail::{self, Kind};
+use crate::state::Store;
 
 /// Extra time `stop` allows beyond the shutdown grace for the API and final commits.
 const STOP_MARGIN: Duration = Duration::from_secs(10);
@@ -51,6 +53,14 @@ pub struct Running {
     _embedded: Option<Arc<EmbeddedCluster>>,
 }
 
+impl Drop for Running {
+    /// Dropped without `stop` (a panic, an early return): still tell every task to end, so that
+    /// blocking threads such as the state tailer do not outlive the process's runtime.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 impl Running {
     /// Where the API listens.
     pub fn addr(&self) -> SocketAddr {
@@ -61,7 +71,8 @@ impl Running {
     /// commit, flush.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let all_done = async { while self.tasks.join_next().await.is_some() {} };
+        let tasks = &mut self.tasks;
+        let all_done = async { while tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(self.grace + STOP_MARGIN, all_done)
             .await
             .is_err()
@@ -88,6 +99,8 @@ pub async fn start(
         config.topics.events.partitions = config.dev.partitions;
         config.topics.delay.partitions = config.dev.partitions;
         config.topics.dlq.partitions = config.dev.partitions;
+        config.topics.cancellations.partitions = config.dev.partitions;
+        config.topics.dedup.partitions = config.dev.partitions;
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
     topics::ensure(&config, embedded.as_deref()).await?;
@@ -96,6 +109,33 @@ pub async fn start(
     let signer = Signer::new(&config.signing.current_key, &config.signing.next_key);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+
+    let store = Arc::new(
+        Store::create(
+            Some(config.state.dir.as_str())
+                .filter(|d| !d.is_empty())
+                .map(std::path::Path::new),
+        )
+        .map_err(|e| SetupError::Topics(e.to_string()))?,
+    );
+    let mut caught_up = tail::start(
+        &config.kafka,
+        vec![
+            (names.events.clone(), Kind::Events),
+            (names.dlq.clone(), Kind::Dlq),
+            (names.cancellations.clone(), Kind::Cancellations),
+            (names.dedup.clone(), Kind::Dedup),
+        ],
+        store.clone(),
+        shutdown.clone(),
+    )?;
+    // Serve only once the views reflect what Kafka already holds.
+    let _ = caught_up.wait_for(|c| *c).await;
+    tasks.spawn(prune_loop(
+        store.clone(),
+        config.state.clone(),
+        shutdown.clone(),
+    ));
 
     let http = HttpDelivery::new(
         signer.clone(),
@@ -113,7 +153,7 @@ pub async fn start(
         },
     )?;
     tasks.spawn(consumer.run(
-        Deliverer::new(http, producer.clone(), shutdown.clone()),
+        Deliverer::new(http, producer.clone(), store.clone(), shutdown.clone()),
         shutdown.clone(),
     ));
 
@@ -143,6 +183,8 @@ pub async fn start(
     let app = api::router(AppState {
         producer: producer.clone(),
         signer,
+        store,
+        dedup_window: config.state.dedup_window,
         tokens: Tokens::new(config.auth.tokens.clone()),
         body_limit: config.server.body_limit,
         limits: Limits {
@@ -180,4 +222,27 @@ pub async fn start(
         grace: config.server.shutdown_grace,
         _embedded: embedded,
     })
+}
+
+/// Drops old events and expired dedup ids from the local store every `prune_interval`.
+async fn prune_loop(
+    store: Arc<Store>,
+    config: crate::config::StateConfig,
+    shutdown: CancellationToken,
+) {
+    let retention = i64::try_from(config.events_retention.as_millis()).unwrap_or(i64::MAX);
+    let mut ticker = tokio::time::interval(config.prune_interval);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let store = store.clone();
+        let now = crate::model::now_ms();
+        match tokio::task::spawn_blocking(move || store.prune(now - retention, now)).await {
+            Ok(Ok(pruned)) if pruned > 0 => tracing::debug!(pruned, "pruned old events"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "pruning the state store failed"),
+            _ => {}
+        }
+    }
 }

@@ -28,6 +28,8 @@ fn app(kafka: &TestKafka) -> Router {
         signer: Signer::new(common::CURRENT_KEY, common::NEXT_KEY),
         tokens: Tokens::new(vec![TOKEN.into()]),
         body_limit: BODY_LIMIT,
+        store: std::sync::Arc::new(kstash::state::Store::create(None).unwrap()),
+        dedup_window: config.state.dedup_window,
         limits: kstash::model::headers::Limits {
             max_delay: config.delay.max_delay,
             default_retries: config.delivery.default_retries,
@@ -111,11 +113,11 @@ async fn client_mistakes_are_json_4xx() {
         ),
         (
             post("/v2/publish/https://example.com/x")
-                .header("Upstash-Callback", "https://example.com/cb")
+                .header("Upstash-Flow-Control-Key", "k")
                 .body(Body::from("x"))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
-            "upstash-callback",
+            "upstash-flow-control-key",
         ),
         (
             post("/v2/publish/https://example.com/x")

@@ -76,6 +76,10 @@ partitions = {partitions}
 partitions = {partitions}
 [topics.dlq]
 partitions = {partitions}
+[topics.cancellations]
+partitions = {partitions}
+[topics.dedup]
+partitions = {partitions}
 [delivery]
 max_in_flight = {max_in_flight}
 commit_interval = "100ms"

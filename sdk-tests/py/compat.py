@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qstash import QStash, Receiver
 from qstash.errors import QStashError, SignatureError
+from qstash.message import FlowControl
 
 DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="
 DELIVERY_TIMEOUT_S = 15.0
@@ -343,11 +344,11 @@ def run_suite(receiver_base):
     check("publish with delay=1 arrives no earlier than 1 s later", delay_is_honoured)
 
     # 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-    def callback_is_400():
+    def flow_control_is_400():
         e = expect_raises(QStashError, lambda: bounded(lambda: client.message.publish(
-            url=f"{receiver_base}/py/{run_id}/cb", body="x",
-            callback=f"{receiver_base}/py/{run_id}/callback"), "publish(callback)"),
-            "publish(callback)")
+            url=f"{receiver_base}/py/{run_id}/fc", body="x",
+            flow_control=FlowControl(key="k", parallelism=1)), "publish(flow_control)"),
+            "publish(flow_control)")
         if "status: 400," not in str(e):
             raise CheckFailed(f"got {type(e).__name__}: {e}, want status 400")
         body = str(e).split("body: ", 1)[-1]
@@ -358,7 +359,33 @@ def run_suite(receiver_base):
         if not isinstance(parsed, dict) or not isinstance(parsed.get("error"), str):
             raise CheckFailed(f'error body lacks "error": {body!r}')
 
-    check("publish with callback (not supported yet) raises QStashError status 400", callback_is_400)
+    check("publish with flow_control (not supported yet) raises QStashError status 400",
+          flow_control_is_400)
+
+    # 4b. A callback: after the delivery, a JSON payload about it arrives at the callback URL.
+    # callback_headers={"X": v} goes on the wire as Upstash-Callback-X; kstash forwards it.
+    def callback_arrives():
+        callback_path = f"/py/{run_id}/callback"
+        res = bounded(lambda: client.message.publish(
+            url=f"{receiver_base}/py/{run_id}/with-callback", body="x",
+            callback=f"{receiver_base}{callback_path}",
+            callback_headers={"X-Py-Callback": run_id}), "publish(callback)")
+        d = wait_for_delivery(callback_path)
+        try:
+            payload = json.loads(d["body"])
+        except ValueError:
+            raise CheckFailed(f"callback body is not JSON: {d['body']!r}")
+        expect_equal(payload.get("sourceMessageId"), res.message_id, "sourceMessageId")
+        expect_equal(payload.get("status"), 200, "status")
+        return d
+
+    callback = check(
+        "publish with callback: the callback arrives with sourceMessageId = the published id",
+        callback_arrives)
+    if callback:
+        check("publish with callback: callback_headers arrive at the callback URL",
+              lambda: expect_equal(callback["headers"].get("x-py-callback"), run_id,
+                                   "x-py-callback"))
 
     # 5. A wrong token is rejected with 401.
     def bad_token_is_401():

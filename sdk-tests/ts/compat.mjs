@@ -348,14 +348,14 @@ try {
   });
 
   // 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-  await check("publish with callback (not supported yet) throws QstashError status 400", async () => {
+  await check("publish with flowControl (not supported yet) throws QstashError status 400", async () => {
     const error = await expectReject(
       withTimeout(
-        client.publish({ url: `${RECEIVER}/ts/${runId}/cb`, body: "x", callback: `${RECEIVER}/ts/${runId}/callback` }),
+        client.publish({ url: `${RECEIVER}/ts/${runId}/fc`, body: "x", flowControl: { key: "k", parallelism: 1 } }),
         CALL_TIMEOUT_MS,
-        "publish(callback)",
+        "publish(flowControl)",
       ),
-      "publish(callback)",
+      "publish(flowControl)",
     );
     if (!(error instanceof QstashError)) throw new Error(`got ${error?.name}: ${error?.message}, want QstashError`);
     expectEqual(error.status, 400, `status (message ${error.message})`);
@@ -366,6 +366,25 @@ try {
       throw new Error(`error body is not JSON: ${error.message}`);
     }
     if (typeof parsed?.error !== "string") throw new Error(`error body lacks "error": ${error.message}`);
+  });
+
+  // 4b. A callback: after the delivery, a JSON payload about it arrives at the callback URL.
+  await check("publish with callback: the callback arrives with sourceMessageId = the published id", async () => {
+    const callbackPath = `/ts/${runId}/callback`;
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}/ts/${runId}/with-callback`, body: "x", callback: `${RECEIVER}${callbackPath}` }),
+      CALL_TIMEOUT_MS,
+      "publish(callback)",
+    );
+    const d = await waitForDelivery(callbackPath);
+    let payload;
+    try {
+      payload = JSON.parse(d.body.toString("utf8"));
+    } catch {
+      throw new Error(`callback body is not JSON: ${d.body.toString("utf8")}`);
+    }
+    expectEqual(payload.sourceMessageId, res.messageId, "sourceMessageId");
+    expectEqual(payload.status, 200, "status");
   });
 
   // 5. A wrong token is rejected with 401.

@@ -4,9 +4,14 @@
 //! The API only validates and produces to Kafka; it knows nothing of delivery.
 
 pub mod auth;
+pub mod dlq;
 pub mod error;
+pub mod events;
 pub mod keys;
+pub mod messages;
 pub mod publish;
+pub mod query;
+pub mod render;
 
 use axum::http::Uri;
 use axum::middleware;
@@ -27,6 +32,9 @@ pub struct AppState {
     pub tokens: auth::Tokens,
     pub body_limit: usize,
     pub limits: crate::model::headers::Limits,
+    /// The local views of the state topics (messages, events, DLQ, dedup).
+    pub store: std::sync::Arc<crate::state::Store>,
+    pub dedup_window: std::time::Duration,
 }
 
 /// The whole API as a router (tested with `oneshot`, served by `server`).
@@ -34,6 +42,9 @@ pub fn router(state: AppState) -> Router {
     let v2 = Router::new()
         .merge(publish::router())
         .merge(keys::router())
+        .merge(messages::router())
+        .merge(events::router())
+        .merge(dlq::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -20,6 +20,7 @@ use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
 use crate::model::now_ms;
+use crate::state::Store;
 use consumer::{Done, RecordHandler};
 use http::{HttpDelivery, Outcome};
 
@@ -27,19 +28,39 @@ use http::{HttpDelivery, Outcome};
 pub struct Deliverer {
     http: HttpDelivery,
     producer: Producer,
+    store: Arc<Store>,
     shutdown: CancellationToken,
 }
 
 impl Deliverer {
-    pub fn new(http: HttpDelivery, producer: Producer, shutdown: CancellationToken) -> Arc<Self> {
+    pub fn new(
+        http: HttpDelivery,
+        producer: Producer,
+        store: Arc<Store>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         Arc::new(Deliverer {
             http,
             producer,
+            store,
             shutdown,
         })
     }
 
     async fn deliver(&self, envelope: Envelope) -> Done {
+        // A cancel request seen by this process before the attempt wins.
+        match self.store.is_cancelled(&envelope.message_id) {
+            Ok(true) => {
+                tracing::info!("cancelled; not delivered");
+                let event = Event::new(&envelope, State::Canceled, now_ms());
+                if let Err(e) = self.producer.send_event(&event).await {
+                    tracing::error!(error = %e, "could not record the CANCELED event");
+                }
+                return Done::Finished;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "cancellation check failed; delivering"),
+        }
         let outcome = match self.http.prepare(&envelope) {
             Ok(request) => {
                 self.producer

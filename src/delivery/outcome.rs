@@ -8,6 +8,17 @@
 //! failing endpoint never blocks others; a failure is a record on the DLQ topic. The record counts
 //! as finished only once that copy is acknowledged by Kafka. Events: DELIVERED, or ERROR followed
 //! by RETRY or FAILED.
+//!
+//! Callbacks (`model::callback`): after every attempt of a message with `Upstash-Callback`, and
+//! once after its final failure with `Upstash-Failure-Callback`, [`handle`] produces a new
+//! callback message (payload from [`callback_payload`]) through the delay ladder, which then
+//! flows through the pipeline like any message (with a CREATED event of its own, queued just
+//! before the message). Like the retry
+//! copy and the DLQ record, it must be acknowledged before the record counts as finished.
+//! Order, chosen so that a hand-back at shutdown (the attempt is then made again) duplicates as
+//! little as possible: the attempt's callback first (a duplicate is one extra notification,
+//! whereas a duplicated retry copy would double the rest of the message's retry chain), then the
+//! retry copy or DLQ record, then the failure callback (its `dlqId` must name a durable record).
 
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +26,7 @@ use super::consumer::Done;
 use super::http::{Outcome, Response};
 use crate::kafka::producer::until_acked;
 use crate::kafka::Producer;
+use crate::model::callback::{AttemptResponse, Callback, CallbackPayload};
 use crate::model::dlq::{DlqRecord, DLQ_VERSION};
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
@@ -106,8 +118,57 @@ fn failure_text(outcome: &Outcome) -> String {
     }
 }
 
-/// Acts on the outcome of an attempt; `HandedBack` when Kafka could not take the follow-up before
-/// shutdown (the attempt is then made again by whoever reads the record next).
+/// The callback payload reporting `outcome` of the current attempt of `envelope`; `dlq_id` only
+/// for the failure callback. No response (timeout, connection error) is status 0.
+pub fn callback_payload(
+    envelope: &Envelope,
+    outcome: &Outcome,
+    dlq_id: Option<&str>,
+) -> CallbackPayload {
+    let response = match outcome {
+        Outcome::Delivered(r) | Outcome::Failed(r) => Some(AttemptResponse {
+            status: r.status,
+            header: &r.header,
+            body: &r.body,
+        }),
+        Outcome::Error(_) => None,
+    };
+    CallbackPayload::new(envelope, response, dlq_id)
+}
+
+/// Produces the callback message carrying `payload` until Kafka acknowledges it (true), or
+/// false when shutdown came first. Its CREATED event is queued just before the message itself,
+/// like ACTIVE before an attempt: the producer keeps the order of queued records, so the event
+/// precedes the callback's own ACTIVE (queued only once the message was consumed), and a lost
+/// event costs a log line, not a callback.
+async fn produce_callback(
+    producer: &Producer,
+    shutdown: &CancellationToken,
+    what: &str,
+    settings: &Callback,
+    payload: &CallbackPayload,
+    now: i64,
+) -> bool {
+    let message = settings.message(payload, now);
+    let mut created = Event::new(&message, State::Created, now);
+    // As on publish: CREATED carries the whole message, for the message and log APIs.
+    created.message = Some(Box::new(message.clone()));
+    producer.enqueue_event(&created);
+    if !until_acked(shutdown, what, || producer.send_envelope(&message)).await {
+        return false;
+    }
+    tracing::info!(
+        callback_message_id = %message.message_id,
+        not_before = message.not_before,
+        what,
+        "callback message produced"
+    );
+    true
+}
+
+/// Acts on the outcome of an attempt; `HandedBack` when Kafka could not take a follow-up (retry
+/// copy, DLQ record, callback message) before shutdown (the attempt is then made again by
+/// whoever reads the record next).
 pub async fn handle(
     producer: &Producer,
     shutdown: &CancellationToken,
@@ -118,6 +179,12 @@ pub async fn handle(
     let decision = decide(envelope, &outcome, now);
     let mut attempt_event = event_for(envelope, &outcome, now);
     let mut follow_up = None;
+    if let Some(settings) = &envelope.callback {
+        let payload = callback_payload(envelope, &outcome, None);
+        if !produce_callback(producer, shutdown, "callback", settings, &payload, now).await {
+            return Done::HandedBack;
+        }
+    }
     match &decision {
         Decision::Delivered => {
             tracing::info!(status = attempt_event.response_status, "delivered");
@@ -163,6 +230,13 @@ pub async fn handle(
             let mut failed = Event::new(envelope, State::Failed, now);
             failed.error = Some(record.error.clone());
             follow_up = Some(failed);
+            if let Some(settings) = &envelope.failure_callback {
+                let payload = callback_payload(envelope, &outcome, Some(&record.dlq_id));
+                let what = "failure callback";
+                if !produce_callback(producer, shutdown, what, settings, &payload, now).await {
+                    return Done::HandedBack;
+                }
+            }
         }
     }
     for event in std::iter::once(attempt_event).chain(follow_up) {
@@ -283,5 +357,42 @@ mod tests {
             (err.state, err.error.as_deref()),
             (State::Error, Some("timed out"))
         );
+    }
+
+    #[test]
+    fn callback_payloads_report_each_kind_of_outcome() {
+        let e = envelope(2, 4, None);
+        let ok = Outcome::Delivered(Response {
+            status: 201,
+            header: HeaderMap::from([("x-a".into(), vec!["1".into()])]),
+            body: b"created".to_vec(),
+        });
+        let p = callback_payload(&e, &ok, None);
+        assert_eq!((p.status, p.body.as_slice()), (201, &b"created"[..]));
+        assert_eq!(p.header["x-a"], vec!["1"]);
+        assert_eq!(
+            (p.retried, p.max_retries),
+            (2, 4),
+            "the source's counters for this attempt"
+        );
+        assert_eq!(p.source_message_id, e.message_id);
+        assert_eq!(
+            (p.url.as_str(), p.method.as_str()),
+            ("https://example.com/a?b=c", "PUT")
+        );
+        assert_eq!(p.source_body, e.body);
+        assert_eq!(p.source_header, e.header);
+        assert_eq!(p.dlq_id, None);
+
+        let failed = Outcome::Failed(response(500, &[("retry-after", "3")]));
+        let p = callback_payload(&e, &failed, Some("dlq_x"));
+        assert_eq!(p.status, 500);
+        assert_eq!(p.header["retry-after"], vec!["3"]);
+        assert_eq!(p.dlq_id.as_deref(), Some("dlq_x"));
+
+        let p = callback_payload(&e, &Outcome::Error("timed out".into()), None);
+        assert_eq!(p.status, 0, "no response");
+        assert!(p.header.is_empty() && p.body.is_empty());
+        assert_eq!(p.retried, 2);
     }
 }

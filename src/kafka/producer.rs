@@ -17,6 +17,8 @@ use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::Event;
 use crate::model::now_ms;
+use crate::state::tail::CancelRecord;
+use crate::state::DedupEntry;
 
 /// Kafka header naming the schema of the record value, for Kafka-native consumers.
 pub const SCHEMA_HEADER: &str = "kstash-schema";
@@ -26,6 +28,10 @@ pub const ENVELOPE_SCHEMA: &str = "envelope.v1";
 pub const EVENT_SCHEMA: &str = "event.v1";
 /// Schema header value of dead-letter records.
 pub const DLQ_SCHEMA: &str = "dlq.v1";
+/// Schema header value of cancellation records.
+pub const CANCEL_SCHEMA: &str = "cancel.v1";
+/// Schema header value of dedup records.
+pub const DEDUP_SCHEMA: &str = "dedup.v1";
 /// Wait between attempts of [`until_acked`].
 const RESEND_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -189,6 +195,48 @@ impl Producer {
             &[],
         )
         .await
+    }
+
+    /// Deletes a DLQ entry: a tombstone for its key on the compacted topic.
+    pub async fn send_dlq_tombstone(
+        &self,
+        dlq_id: &str,
+    ) -> Result<Ack, rdkafka::error::KafkaError> {
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topics.dlq).key(dlq_id);
+        match self.inner.send(record, Timeout::Never).await {
+            Ok(d) => Ok(Ack {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => Err(e),
+        }
+    }
+
+    /// Records a cancel request, keyed by message id.
+    pub async fn send_cancel(
+        &self,
+        cancel: &CancelRecord,
+    ) -> Result<Ack, rdkafka::error::KafkaError> {
+        let value = serde_json::to_vec(cancel).expect("a cancel record serialises");
+        self.send(
+            &self.topics.cancellations,
+            &cancel.message_id,
+            &value,
+            CANCEL_SCHEMA,
+            &[],
+        )
+        .await
+    }
+
+    /// Records a dedup key.
+    pub async fn send_dedup(
+        &self,
+        key: &str,
+        entry: &DedupEntry,
+    ) -> Result<Ack, rdkafka::error::KafkaError> {
+        let value = serde_json::to_vec(entry).expect("a dedup entry serialises");
+        self.send(&self.topics.dedup, key, &value, DEDUP_SCHEMA, &[])
+            .await
     }
 
     /// Records a lifecycle event, keyed by message id.

@@ -29,6 +29,8 @@ pub struct TopicNames {
     /// One per delay-ladder step, in step order.
     pub delay: Vec<String>,
     pub dlq: String,
+    pub cancellations: String,
+    pub dedup: String,
     pub events: String,
 }
 
@@ -42,6 +44,8 @@ impl TopicNames {
                 .map(|s| format!("{prefix}{s}"))
                 .collect(),
             dlq: format!("{prefix}dlq"),
+            cancellations: format!("{prefix}state.cancellations"),
+            dedup: format!("{prefix}state.dedup"),
             events: format!("{prefix}events"),
         }
     }
@@ -77,6 +81,8 @@ pub fn specs(config: &Config) -> Vec<TopicSpec> {
         spec(names.ready, &config.topics.ready),
         spec(names.events, &config.topics.events),
         spec(names.dlq, &config.topics.dlq),
+        spec(names.cancellations, &config.topics.cancellations),
+        spec(names.dedup, &config.topics.dedup),
     ];
     specs.extend(
         names
@@ -174,6 +180,17 @@ fn topic_partitions(client: &BaseConsumer, topic: &str) -> Result<i32, SetupErro
         return Err(SetupError::Topics(format!(
             "topic {topic} is not usable: {:?} (create it, or set kafka.create_topics = true)",
             RDKafkaErrorCode::from(err)
+        )));
+    }
+    // A new topic shows up before its partitions have leaders; it is usable once all do.
+    if let Some(p) = t
+        .partitions()
+        .iter()
+        .find(|p| p.leader() < 0 || p.error().is_some())
+    {
+        return Err(SetupError::Topics(format!(
+            "topic {topic} partition {} has no leader yet",
+            p.id()
         )));
     }
     Ok(i32::try_from(t.partitions().len()).unwrap_or(i32::MAX))

@@ -1,5 +1,5 @@
-//! The envelope: one Kafka record per message, on the `ready` topic (and later the delay, DLQ and
-//! callback paths). It carries the body and every piece of metadata a stage needs, so no stage has
+//! The envelope: one Kafka record per message, on the `ready` topic (and the delay and DLQ
+//! topics). Callback messages are envelopes too. It carries the body and every piece of metadata a stage needs, so no stage has
 //! to look anything up to deliver a message.
 //!
 //! Design choice: the record value is JSON (schema `schemas/envelope.v1.json`) with the body in
@@ -10,6 +10,8 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+
+use super::callback::Callback;
 
 /// Schema version written by this build.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -52,6 +54,12 @@ pub struct Envelope {
     /// IP address of the publisher.
     #[serde(rename = "callerIP", default, skip_serializing_if = "Option::is_none")]
     pub caller_ip: Option<String>,
+    /// `Upstash-Callback*`: called after every attempt (see `model::callback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback: Option<Callback>,
+    /// `Upstash-Failure-Callback*`: called once, after the final failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_callback: Option<Callback>,
 }
 
 /// Reading a record that is not an envelope this build understands.
@@ -110,6 +118,16 @@ pub(crate) fn sample() -> Envelope {
         timeout_ms: Some(1000),
         labels: vec!["a".into()],
         caller_ip: Some("127.0.0.1".into()),
+        callback: Some(super::callback::sample()),
+        failure_callback: Some(super::callback::Callback {
+            url: "https://example.com/failed".into(),
+            method: "POST".into(),
+            header: HeaderMap::new(),
+            timeout_ms: None,
+            retries: 0,
+            retry_delay_expression: None,
+            delay_ms: None,
+        }),
     }
 }
 
@@ -135,26 +153,47 @@ mod tests {
     }
 
     /// The schema under `schemas/` is the published contract: every field we write must be in
-    /// it, and every field it requires must be written.
+    /// it, and every field it requires must be written, down into nested objects (`$ref` to
+    /// `$defs`). `sample()` fills every optional field, so all of them are checked.
     #[test]
     fn matches_the_published_json_schema() {
         let schema: Value =
             serde_json::from_str(include_str!("../../schemas/envelope.v1.json")).unwrap();
-        let props = schema["properties"].as_object().unwrap();
         let written: Value = serde_json::from_slice(&sample().encode()).unwrap();
-        for key in written.as_object().unwrap().keys() {
-            assert!(props.contains_key(key), "field {key} missing from schema");
-        }
-        for key in schema["required"].as_array().unwrap() {
-            let key = key.as_str().unwrap();
-            assert!(
-                written.get(key).is_some(),
-                "required field {key} not written"
-            );
-        }
+        check_against(&schema, &schema, &written, "envelope");
         assert_eq!(
             schema["properties"]["v"]["const"].as_u64(),
             Some(u64::from(ENVELOPE_VERSION))
         );
+        for nested in ["callback", "failureCallback"] {
+            assert!(written.get(nested).is_some(), "sample() writes {nested}");
+        }
+    }
+
+    /// Checks the object `written` against the object schema `node` (of the document `root`).
+    fn check_against(root: &Value, node: &Value, written: &Value, path: &str) {
+        let node = match node["$ref"].as_str() {
+            Some(pointer) => root
+                .pointer(pointer.trim_start_matches('#'))
+                .unwrap_or_else(|| panic!("{path}: dangling $ref {pointer}")),
+            None => node,
+        };
+        let props = node["properties"].as_object().unwrap();
+        for (key, value) in written.as_object().unwrap() {
+            let prop = props
+                .get(key)
+                .unwrap_or_else(|| panic!("field {path}.{key} missing from schema"));
+            if value.is_object() && (prop.get("$ref").is_some() || prop.get("properties").is_some())
+            {
+                check_against(root, prop, value, &format!("{path}.{key}"));
+            }
+        }
+        for key in node["required"].as_array().unwrap() {
+            let key = key.as_str().unwrap();
+            assert!(
+                written.get(key).is_some(),
+                "required field {path}.{key} not written"
+            );
+        }
     }
 }

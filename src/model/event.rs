@@ -25,6 +25,16 @@ pub enum State {
     Canceled,
 }
 
+impl State {
+    /// Whether nothing follows this state for the message.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            State::Delivered | State::Failed | State::CancelRequested | State::Canceled
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Event {
@@ -51,11 +61,18 @@ pub struct Event {
         skip_serializing_if = "Option::is_none"
     )]
     pub response_body: Option<Vec<u8>>,
+    /// The whole message, on CREATED events only: the log and `GET /v2/messages` read it from
+    /// here, so any process can answer for any message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Box<Envelope>>,
     /// When the next attempt is due (unix ms), on ERROR and RETRY events of a retried message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_delivery_time: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// IP address of the publisher.
+    #[serde(rename = "callerIP", default, skip_serializing_if = "Option::is_none")]
+    pub caller_ip: Option<String>,
 }
 
 impl Event {
@@ -74,8 +91,10 @@ impl Event {
             response_status: None,
             response_header: None,
             response_body: None,
+            message: None,
             next_delivery_time: None,
             labels: envelope.labels.clone(),
+            caller_ip: envelope.caller_ip.clone(),
         }
     }
 
@@ -130,6 +149,7 @@ mod tests {
         e.response_header = Some(HeaderMap::from([("A".into(), vec!["b".into()])]));
         e.error = Some("boom".into());
         e.next_delivery_time = Some(9);
+        e.message = Some(Box::new(crate::model::envelope::sample()));
         assert_eq!(Event::decode(&e.encode()).unwrap(), e);
 
         let schema: Value =

@@ -4,11 +4,27 @@
 //! Every header kstash recognises but does not implement yet is refused with a 400 naming it,
 //! rather than silently ignored: a message published with `Upstash-Delay` must never be delivered
 //! early because this build did not know about delays.
+//!
+//! Callbacks (`Upstash-Callback*`, `Upstash-Failure-Callback*`, see `model::callback`): the URL
+//! must be an absolute http(s) URL. `…-Forward-X` is forwarded to the callback URL as `X`.
+//! `…-Method`, `…-Timeout`, `…-Retries`, `…-Retry-Delay` and `…-Delay` take the same formats and
+//! limits as the plain headers and configure the callback message; retries and the retry-delay
+//! expression default to the source message's (`qstash-api.md` §5.2), the method to POST, the
+//! timeout to the server's. Decisions where the API reference leaves room:
+//! - **Lenient forwarding.** Any other `Upstash-Callback-X` / `Upstash-Failure-Callback-X` is
+//!   forwarded as `X` too, because the Python SDK sends `callback_headers={"X": v}` as
+//!   `Upstash-Callback-X` (without `-Forward-`). A forwarded header whose name is one of the
+//!   settings above (`Method`, `Timeout`, …) can only be sent with `-Forward-`. The workflow SDK's
+//!   `Upstash-Callback-Workflow-*` and `Upstash-Callback-Failure-Callback*` headers are not
+//!   interpreted; they are forwarded like any other unknown suffix.
+//! - Callback settings without the callback URL are validated, then ignored.
 
 use std::time::Duration;
 
 use axum::http::HeaderMap;
 
+use super::callback::Callback;
+use super::destination::validate_url;
 use super::envelope::HeaderMap as JsonHeaderMap;
 use super::retry::RetryDelayExpr;
 
@@ -20,10 +36,7 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 pub const DEFAULT_METHOD: &str = "POST";
 
 /// Headers that are recognised but whose feature this build does not have yet.
-const NOT_YET_SUPPORTED: [&str; 8] = [
-    "upstash-callback",
-    "upstash-failure-callback",
-    "upstash-deduplication-id",
+const NOT_YET_SUPPORTED: [&str; 5] = [
     "upstash-flow-control-key",
     "upstash-flow-control-value",
     "upstash-redact-fields",
@@ -47,9 +60,20 @@ pub struct Limits {
     pub max_retries: u32,
 }
 
+/// How a publish asks to be deduplicated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dedup {
+    /// `Upstash-Deduplication-Id`.
+    Id(String),
+    /// `Upstash-Content-Based-Deduplication: true`: destination, body and forwarded headers.
+    Content,
+}
+
 /// What the headers of one publish ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishOptions {
+    /// How duplicates of this publish are recognised, if at all.
+    pub dedup: Option<Dedup>,
     pub method: String,
     /// Not to be delivered before (unix ms); `None` means now.
     pub not_before: Option<i64>,
@@ -60,6 +84,137 @@ pub struct PublishOptions {
     pub max_retries: u32,
     /// `Upstash-Retry-Delay`, validated.
     pub retry_delay: Option<String>,
+    /// `Upstash-Callback*`, settings resolved.
+    pub callback: Option<Callback>,
+    /// `Upstash-Failure-Callback*`, settings resolved.
+    pub failure_callback: Option<Callback>,
+}
+
+/// One of the two callback header families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CallbackFamily {
+    /// The URL header, in its documented case (used in error messages).
+    name: &'static str,
+    /// The URL header, lower case.
+    lower: &'static str,
+}
+
+/// `Upstash-Callback*`: called after every attempt.
+const CALLBACK: CallbackFamily = CallbackFamily {
+    name: "Upstash-Callback",
+    lower: "upstash-callback",
+};
+/// `Upstash-Failure-Callback*`: called once, after the final failed attempt.
+const FAILURE_CALLBACK: CallbackFamily = CallbackFamily {
+    name: "Upstash-Failure-Callback",
+    lower: "upstash-failure-callback",
+};
+/// Suffix (after `<family>-`) of headers forwarded to the callback URL.
+const CALLBACK_FORWARD_SUFFIX: &str = "forward-";
+
+/// What the headers of one callback family said, before defaults.
+#[derive(Debug, Default)]
+struct CallbackHeaders {
+    url: Option<String>,
+    method: Option<String>,
+    forward: JsonHeaderMap,
+    timeout: Option<Duration>,
+    retries: Option<u32>,
+    retry_delay: Option<String>,
+    delay: Option<Duration>,
+}
+
+impl CallbackHeaders {
+    /// Reads one header of `family`: the URL itself (`suffix` = None) or `<family>-<suffix>`.
+    fn read(
+        &mut self,
+        family: CallbackFamily,
+        suffix: Option<&str>,
+        text: &str,
+        limits: &Limits,
+    ) -> Result<(), HeaderError> {
+        let Some(suffix) = suffix else {
+            validate_url(text).map_err(|e| {
+                HeaderError(format!(
+                    "{} must be an absolute http(s) URL: {e}",
+                    family.name
+                ))
+            })?;
+            self.url = Some(text.to_string());
+            return Ok(());
+        };
+        let setting = |title: &str| format!("{}-{title}", family.name);
+        match suffix {
+            "method" => self.method = Some(parse_method(&setting("Method"), text)?),
+            "timeout" => self.timeout = Some(parse_timeout(&setting("Timeout"), text)?),
+            "retries" => self.retries = Some(parse_retries(&setting("Retries"), text, limits)?),
+            "retry-delay" => {
+                self.retry_delay = Some(parse_retry_delay(&setting("Retry-Delay"), text)?);
+            }
+            "delay" => {
+                let name = setting("Delay");
+                let delay = parse_delay(&name, text)?;
+                if delay > limits.max_delay {
+                    return Err(too_far(&name, limits));
+                }
+                self.delay = Some(delay);
+            }
+            "" => {
+                return Err(HeaderError(format!(
+                    "{}- needs a setting or header name after it",
+                    family.name
+                )))
+            }
+            other => {
+                // -Forward-X, or (lenient, see the module doc) any other suffix X.
+                let name = match other.strip_prefix(CALLBACK_FORWARD_SUFFIX) {
+                    Some("") => {
+                        return Err(HeaderError(format!(
+                            "{}-Forward- needs a header name after it",
+                            family.name
+                        )))
+                    }
+                    Some(forwarded) => forwarded,
+                    None => other,
+                };
+                self.forward
+                    .entry(title_case(name))
+                    .or_default()
+                    .push(text.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored callback, defaults taken from the source message; None without a URL.
+    fn resolve(self, source: &PublishOptions) -> Option<Callback> {
+        Some(Callback {
+            url: self.url?,
+            method: self.method.unwrap_or_else(|| DEFAULT_METHOD.to_string()),
+            header: self.forward,
+            timeout_ms: self.timeout.map(duration_ms),
+            retries: self.retries.unwrap_or(source.max_retries),
+            retry_delay_expression: self.retry_delay.or_else(|| source.retry_delay.clone()),
+            delay_ms: self.delay.map(duration_ms),
+        })
+    }
+}
+
+/// Which callback family a lower-case header name belongs to, and its suffix (None for the URL
+/// header itself).
+fn callback_header(lower: &str) -> Option<(CallbackFamily, Option<&str>)> {
+    [CALLBACK, FAILURE_CALLBACK].into_iter().find_map(|family| {
+        let rest = lower.strip_prefix(family.lower)?;
+        if rest.is_empty() {
+            Some((family, None))
+        } else {
+            rest.strip_prefix('-').map(|suffix| (family, Some(suffix)))
+        }
+    })
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Parses the control headers of a publish received at `now_ms`.
@@ -70,7 +225,10 @@ pub fn parse_publish(
 ) -> Result<PublishOptions, HeaderError> {
     let mut delay: Option<Duration> = None;
     let mut not_before_secs: Option<i64> = None;
+    let mut callback = CallbackHeaders::default();
+    let mut failure_callback = CallbackHeaders::default();
     let mut options = PublishOptions {
+        dedup: None,
         not_before: None,
         method: DEFAULT_METHOD.to_string(),
         forward: JsonHeaderMap::new(),
@@ -78,6 +236,8 @@ pub fn parse_publish(
         labels: Vec::new(),
         max_retries: limits.default_retries,
         retry_delay: None,
+        callback: None,
+        failure_callback: None,
     };
     for (name, value) in headers {
         let lower = name.as_str(); // http lower-cases names
@@ -105,25 +265,11 @@ pub fn parse_publish(
                 .or_default()
                 .push(text()?.to_string());
         } else if lower == "upstash-method" {
-            let method = text()?.to_ascii_uppercase();
-            if !METHODS.contains(&method.as_str()) {
-                return Err(HeaderError(format!(
-                    "Upstash-Method must be one of {}, got {method:?}",
-                    METHODS.join(", ")
-                )));
-            }
-            options.method = method;
+            options.method = parse_method("Upstash-Method", text()?)?;
         } else if lower == "upstash-timeout" {
-            let d = parse_duration(text()?)
-                .map_err(|e| HeaderError(format!("Upstash-Timeout: {e}")))?;
-            if d.is_zero() {
-                return Err(HeaderError("Upstash-Timeout must be positive".into()));
-            }
-            options.timeout = Some(d);
+            options.timeout = Some(parse_timeout("Upstash-Timeout", text()?)?);
         } else if lower == "upstash-delay" {
-            delay = Some(
-                parse_duration(text()?).map_err(|e| HeaderError(format!("Upstash-Delay: {e}")))?,
-            );
+            delay = Some(parse_delay("Upstash-Delay", text()?)?);
         } else if lower == "upstash-not-before" {
             let secs: i64 = text()?.parse().map_err(|_| {
                 HeaderError("Upstash-Not-Before must be a unix timestamp in seconds".into())
@@ -143,29 +289,37 @@ pub fn parse_publish(
                     .map(String::from),
             );
         } else if lower == "upstash-retries" {
-            let retries: u32 = text()?.parse().map_err(|_| {
-                HeaderError("Upstash-Retries must be a non-negative integer".into())
-            })?;
-            if retries > limits.max_retries {
-                return Err(HeaderError(format!(
-                    "Upstash-Retries {retries} is above the maximum of {}",
-                    limits.max_retries
-                )));
-            }
-            options.max_retries = retries;
+            options.max_retries = parse_retries("Upstash-Retries", text()?, limits)?;
         } else if lower == "upstash-retry-delay" {
-            let source = text()?;
-            RetryDelayExpr::parse(source)
-                .map_err(|e| HeaderError(format!("Upstash-Retry-Delay: {e}")))?;
-            options.retry_delay = Some(source.to_string());
+            options.retry_delay = Some(parse_retry_delay("Upstash-Retry-Delay", text()?)?);
+        } else if let Some((family, suffix)) = callback_header(lower) {
+            let target = if family == CALLBACK {
+                &mut callback
+            } else {
+                &mut failure_callback
+            };
+            target.read(family, suffix, text()?, limits)?;
         } else if lower == "upstash-content-based-deduplication" {
-            if text()?.eq_ignore_ascii_case("true") {
-                return Err(not_yet(lower));
+            let value = text()?;
+            if value.eq_ignore_ascii_case("true") {
+                if options.dedup.is_none() {
+                    options.dedup = Some(Dedup::Content);
+                }
+            } else if !value.eq_ignore_ascii_case("false") {
+                return Err(HeaderError(
+                    "Upstash-Content-Based-Deduplication must be true or false".into(),
+                ));
             }
-        } else if NOT_YET_SUPPORTED.contains(&lower)
-            || lower.starts_with("upstash-callback-")
-            || lower.starts_with("upstash-failure-callback-")
-        {
+        } else if lower == "upstash-deduplication-id" {
+            let id = text()?;
+            if id.is_empty() {
+                return Err(HeaderError(
+                    "Upstash-Deduplication-Id must not be empty".into(),
+                ));
+            }
+            // An explicit id wins over content-based deduplication.
+            options.dedup = Some(Dedup::Id(id.to_string()));
+        } else if NOT_YET_SUPPORTED.contains(&lower) {
             return Err(not_yet(lower));
         }
         // Everything else (Authorization, telemetry, other Upstash-* headers, hop-by-hop headers)
@@ -190,7 +344,56 @@ pub fn parse_publish(
         }
     }
     options.not_before = not_before;
+    options.callback = callback.resolve(&options);
+    options.failure_callback = failure_callback.resolve(&options);
     Ok(options)
+}
+
+/// `Upstash-Method` and `…-Callback-Method`: one of [`METHODS`], any case.
+fn parse_method(header: &str, text: &str) -> Result<String, HeaderError> {
+    let method = text.to_ascii_uppercase();
+    if METHODS.contains(&method.as_str()) {
+        Ok(method)
+    } else {
+        Err(HeaderError(format!(
+            "{header} must be one of {}, got {method:?}",
+            METHODS.join(", ")
+        )))
+    }
+}
+
+/// `Upstash-Timeout` and `…-Callback-Timeout`: a positive duration.
+fn parse_timeout(header: &str, text: &str) -> Result<Duration, HeaderError> {
+    let d = parse_duration(text).map_err(|e| HeaderError(format!("{header}: {e}")))?;
+    if d.is_zero() {
+        return Err(HeaderError(format!("{header} must be positive")));
+    }
+    Ok(d)
+}
+
+/// `Upstash-Delay` and `…-Callback-Delay`: a duration (the caller checks the maximum).
+fn parse_delay(header: &str, text: &str) -> Result<Duration, HeaderError> {
+    parse_duration(text).map_err(|e| HeaderError(format!("{header}: {e}")))
+}
+
+/// `Upstash-Retries` and `…-Callback-Retries`: at most `limits.max_retries`.
+fn parse_retries(header: &str, text: &str, limits: &Limits) -> Result<u32, HeaderError> {
+    let retries: u32 = text
+        .parse()
+        .map_err(|_| HeaderError(format!("{header} must be a non-negative integer")))?;
+    if retries > limits.max_retries {
+        return Err(HeaderError(format!(
+            "{header} {retries} is above the maximum of {}",
+            limits.max_retries
+        )));
+    }
+    Ok(retries)
+}
+
+/// `Upstash-Retry-Delay` and `…-Callback-Retry-Delay`: a valid expression, kept as written.
+fn parse_retry_delay(header: &str, text: &str) -> Result<String, HeaderError> {
+    RetryDelayExpr::parse(text).map_err(|e| HeaderError(format!("{header}: {e}")))?;
+    Ok(text.to_string())
 }
 
 const MILLIS_PER_SECOND: i64 = 1000;
@@ -356,10 +559,11 @@ mod tests {
     #[test]
     fn unimplemented_features_are_refused_not_ignored() {
         for (k, v) in [
-            ("Upstash-Callback", "https://x.com"),
-            ("Upstash-Callback-Forward-A", "b"),
-            ("Upstash-Deduplication-Id", "x"),
-            ("Upstash-Content-Based-Deduplication", "True"),
+            ("Upstash-Flow-Control-Key", "k"),
+            ("Upstash-Flow-Control-Value", "parallelism=1"),
+            ("Upstash-Queue-Name", "q"),
+            ("Upstash-Redact-Fields", "body"),
+            ("Upstash-Cron", "* * * * *"),
         ] {
             let err = parse_publish(&headers(&[(k, v)])).expect_err(k);
             assert!(
@@ -372,6 +576,150 @@ mod tests {
             "False",
         )]))
         .unwrap();
+    }
+
+    #[test]
+    fn deduplication_headers() {
+        let dedup = |pairs: &[(&str, &str)]| parse_publish(&headers(pairs)).map(|o| o.dedup);
+        assert_eq!(dedup(&[]), Ok(None));
+        assert_eq!(
+            dedup(&[("Upstash-Deduplication-Id", "abc")]),
+            Ok(Some(Dedup::Id("abc".into())))
+        );
+        for yes in ["true", "True", "TRUE"] {
+            assert_eq!(
+                dedup(&[("Upstash-Content-Based-Deduplication", yes)]),
+                Ok(Some(Dedup::Content))
+            );
+        }
+        assert_eq!(
+            dedup(&[("Upstash-Content-Based-Deduplication", "False")]),
+            Ok(None)
+        );
+        assert_eq!(
+            dedup(&[
+                ("Upstash-Content-Based-Deduplication", "true"),
+                ("Upstash-Deduplication-Id", "abc")
+            ]),
+            Ok(Some(Dedup::Id("abc".into()))),
+            "an explicit id wins"
+        );
+        assert!(dedup(&[("Upstash-Content-Based-Deduplication", "yes")]).is_err());
+        assert!(dedup(&[("Upstash-Deduplication-Id", "")]).is_err());
+    }
+
+    #[test]
+    fn callbacks_with_settings_and_forwarded_headers() {
+        let o = parse_publish(&headers(&[
+            ("Upstash-Retries", "4"),
+            ("Upstash-Retry-Delay", "500"),
+            ("Upstash-Callback", "https://cb.example.com/done?x=1"),
+            ("Upstash-Callback-Forward-X-Token", "t1"),
+            ("Upstash-Callback-Method", "put"),
+            ("Upstash-Callback-Timeout", "2s"),
+            ("Upstash-Callback-Retries", "1"),
+            ("Upstash-Callback-Retry-Delay", "100 * retried"),
+            ("Upstash-Callback-Delay", "1m"),
+            // Python's callback_headers={"X-Py": ...}: forwarded (lenient).
+            ("Upstash-Callback-X-Py", "py"),
+            ("upstash-failure-callback", "http://127.0.0.1:9/failed"),
+            (
+                "Upstash-Failure-Callback-Forward-Upstash-Workflow-Is-Failure",
+                "true",
+            ),
+            ("Upstash-Failure-Callback-Y", "y"),
+        ]))
+        .unwrap();
+        let cb = o.callback.expect("callback");
+        assert_eq!(cb.url, "https://cb.example.com/done?x=1");
+        assert_eq!(cb.method, "PUT");
+        assert_eq!(cb.header["X-Token"], vec!["t1"]);
+        assert_eq!(cb.header["X-Py"], vec!["py"]);
+        assert_eq!(cb.header.len(), 2, "{:?}", cb.header);
+        assert_eq!(cb.timeout_ms, Some(2000));
+        assert_eq!(cb.retries, 1);
+        assert_eq!(cb.retry_delay_expression.as_deref(), Some("100 * retried"));
+        assert_eq!(cb.delay_ms, Some(60_000));
+        let fcb = o.failure_callback.expect("failure callback");
+        assert_eq!(fcb.url, "http://127.0.0.1:9/failed");
+        assert_eq!(fcb.method, "POST", "default method");
+        assert_eq!(fcb.header["Upstash-Workflow-Is-Failure"], vec!["true"]);
+        assert_eq!(fcb.header["Y"], vec!["y"]);
+        assert_eq!(fcb.retries, 4, "defaults to the message's retries");
+        assert_eq!(fcb.retry_delay_expression.as_deref(), Some("500"));
+        assert_eq!((fcb.timeout_ms, fcb.delay_ms), (None, None));
+        // Nothing of it reaches the destination.
+        assert!(o.forward.is_empty(), "{:?}", o.forward);
+
+        let plain = parse_publish(&headers(&[("Upstash-Callback", "https://x.com")])).unwrap();
+        let cb = plain.callback.unwrap();
+        assert_eq!(
+            (cb.retries, cb.retry_delay_expression),
+            (3, None),
+            "the default retries of the message"
+        );
+        assert_eq!(plain.failure_callback, None);
+        let no_url = parse_publish(&headers(&[("Upstash-Callback-Retries", "1")])).unwrap();
+        assert_eq!(no_url.callback, None, "settings without a URL are ignored");
+    }
+
+    #[test]
+    fn invalid_callback_headers_are_refused() {
+        for (k, v, needle) in [
+            (
+                "Upstash-Callback",
+                "not-a-url",
+                "Upstash-Callback must be an absolute",
+            ),
+            (
+                "Upstash-Callback",
+                "ftp://x.com/a",
+                "Upstash-Callback must be",
+            ),
+            ("Upstash-Callback", "https://", "Upstash-Callback must be"),
+            (
+                "Upstash-Failure-Callback",
+                "/relative",
+                "Upstash-Failure-Callback must be",
+            ),
+            (
+                "Upstash-Callback-Method",
+                "TRACE",
+                "Upstash-Callback-Method",
+            ),
+            ("Upstash-Callback-Timeout", "0s", "Upstash-Callback-Timeout"),
+            (
+                "Upstash-Callback-Timeout",
+                "soon",
+                "Upstash-Callback-Timeout",
+            ),
+            ("Upstash-Callback-Retries", "6", "above the maximum"),
+            (
+                "Upstash-Failure-Callback-Retries",
+                "-1",
+                "Upstash-Failure-Callback-Retries",
+            ),
+            (
+                "Upstash-Callback-Retry-Delay",
+                "2 ** retried",
+                "Upstash-Callback-Retry-Delay",
+            ),
+            ("Upstash-Callback-Delay", "8d", "maximum delay"),
+            (
+                "Upstash-Failure-Callback-Delay",
+                "x",
+                "Upstash-Failure-Callback-Delay",
+            ),
+            ("Upstash-Callback-Forward-", "x", "needs a header name"),
+            ("Upstash-Callback-", "x", "needs a setting or header name"),
+        ] {
+            let err = parse_publish(&headers(&[("Upstash-Callback", "https://x.com"), (k, v)]))
+                .expect_err(&format!("{k}: {v}"));
+            assert!(err.0.contains(needle), "{k}: {v}: {err}");
+        }
+        // Prefix look-alikes are not callback headers.
+        let o = parse_publish(&headers(&[("Upstash-Callbacks", "x")])).unwrap();
+        assert_eq!(o.callback, None);
     }
 
     #[test]

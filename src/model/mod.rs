@@ -3,6 +3,7 @@
 //! Everything here is pure (no I/O), so it is unit-tested without Kafka or sockets. The envelope
 //! and event types are the Kafka-native contract; their JSON Schemas live in `schemas/`.
 
+pub mod callback;
 pub mod destination;
 pub mod dlq;
 pub mod envelope;

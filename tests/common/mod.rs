@@ -109,6 +109,8 @@ impl TestKafka {
         c.topics.events.partitions = TEST_PARTITIONS;
         c.topics.delay.partitions = TEST_PARTITIONS;
         c.topics.dlq.partitions = TEST_PARTITIONS;
+        c.topics.cancellations.partitions = TEST_PARTITIONS;
+        c.topics.dedup.partitions = TEST_PARTITIONS;
         c.dev.partitions = TEST_PARTITIONS;
         c.delivery.commit_interval = Duration::from_millis(100);
         c.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];

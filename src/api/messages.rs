@@ -1,0 +1,175 @@
+//! `/v2/messages`: look at a pending message, cancel one, cancel many.
+//!
+//! "Pending" means created and not yet delivered, failed or cancelled, as this process's view of
+//! the events topic says (`state`). A cancel is a record on the cancellations topic (which every
+//! delivery worker checks before each attempt) plus a CANCEL_REQUESTED event; the worker that
+//! would have made the next attempt writes CANCELED instead. The change is also applied to the
+//! local view at once, so this process answers consistently right after the call.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::query::{Filter, IdsBody, Query};
+use super::{render, AppState};
+use crate::model::envelope::Envelope;
+use crate::model::event::{Event, State as EventState};
+use crate::model::now_ms;
+use crate::state::tail::CancelRecord;
+use crate::state::{Change, Store};
+
+/// Cancels written to Kafka at once by a bulk cancel.
+const CANCEL_CONCURRENCY: usize = 32;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v2/messages/{id}", get(get_message).delete(cancel_one))
+        .route("/v2/messages/", delete(missing_id).get(missing_id))
+        .route("/v2/messages", delete(cancel_many))
+}
+
+/// A view error is a server problem, not the client's.
+pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Unavailable(format!("state store: {e}"))
+}
+
+/// Runs a blocking store query off the async threads.
+pub async fn query_store<T: Send + 'static>(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> Result<T, crate::state::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&store))
+        .await
+        .map_err(unavailable)?
+        .map_err(unavailable)
+}
+
+async fn get_message(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let found = query_store(&state.store, move |s| s.message(&id)).await?;
+    match found {
+        Some(m) => Ok(Json(Value::Object(render::message(&m)))),
+        None => Err(ApiError::NotFound(
+            "message not found (delivered, failed, cancelled or unknown)".into(),
+        )),
+    }
+}
+
+async fn missing_id() -> ApiError {
+    ApiError::BadRequest("message id is missing".into())
+}
+
+async fn cancel_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let found = query_store(&state.store, move |s| s.message(&id)).await?;
+    let Some(message) = found else {
+        return Err(ApiError::NotFound(
+            "message not found (delivered, failed, cancelled or unknown)".into(),
+        ));
+    };
+    let cancelled = cancel(&state, vec![message]).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "cancelled": cancelled })),
+    ))
+}
+
+/// Bulk cancel: ids from the query (`messageIds`) or a JSON body; else filters; else all.
+async fn cancel_many(
+    State(state): State<AppState>,
+    uri: Uri,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let q = Query::parse(&uri);
+    let body = IdsBody::parse(&body)?;
+    let explicit_ids = q.has("messageIds") || body.message_ids.is_some();
+    let ids: Vec<String> = [q.all("messageIds"), body.message_ids.unwrap_or_default()].concat();
+    let targets = if explicit_ids {
+        // An explicitly empty list cancels nothing (never "everything").
+        query_store(&state.store, move |s| {
+            let mut found = Vec::new();
+            for id in &ids {
+                if let Some(m) = s.message(id)? {
+                    found.push(m);
+                }
+            }
+            Ok(found)
+        })
+        .await?
+    } else {
+        let filter = Filter::from_query(&q, &["host", "path"])?;
+        query_store(&state.store, move |s| {
+            s.messages_where(|m| filter.matches_message(m))
+        })
+        .await?
+    };
+    let cancelled = cancel(&state, targets).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "cancelled": cancelled })),
+    ))
+}
+
+/// Records cancel requests for `messages`; returns how many were recorded.
+async fn cancel(state: &AppState, messages: Vec<Envelope>) -> Result<usize, ApiError> {
+    let now = now_ms();
+    let results: Vec<Result<Vec<Change>, ApiError>> = futures::stream::iter(messages)
+        .map(|m| async move {
+            let record = CancelRecord {
+                message_id: m.message_id.clone(),
+                requested_at: now,
+            };
+            state
+                .producer
+                .send_cancel(&record)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("cancel not stored, safe to retry: {e}")))?;
+            let event = Event::new(&m, EventState::CancelRequested, now);
+            let mut changes = vec![Change::Cancelled {
+                message_id: m.message_id.clone(),
+                at_ms: now,
+            }];
+            match state.producer.send_event(&event).await {
+                Ok(ack) => changes.push(Change::Event {
+                    event: Box::new(event),
+                    partition: ack.partition,
+                    offset: ack.offset,
+                }),
+                Err(e) => tracing::warn!(message_id = %m.message_id, error = %e, "CANCEL_REQUESTED event not recorded"),
+            }
+            tracing::info!(message_id = %m.message_id, "cancel requested");
+            Ok(changes)
+        })
+        .buffer_unordered(CANCEL_CONCURRENCY)
+        .collect()
+        .await;
+    let mut changes = Vec::new();
+    let mut first_error = None;
+    for r in results {
+        match r {
+            Ok(c) => changes.extend(c),
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    let cancelled = changes
+        .iter()
+        .filter(|c| matches!(c, Change::Cancelled { .. }))
+        .count();
+    query_store(&state.store, move |s| s.apply(&changes)).await?;
+    match first_error {
+        Some(e) if cancelled == 0 => Err(e),
+        _ => Ok(cancelled),
+    }
+}

@@ -1,0 +1,299 @@
+//! Query strings and filters shared by the list and bulk endpoints (messages, events, DLQ).
+//!
+//! The SDKs repeat a key for several values (`label=a&label=b`); the docs also allow one
+//! comma-separated value (`label=a,b`): both are read. Values of one filter are ORed, different
+//! filters ANDed (`qstash-api.md` §1.4). Filters name fields of the message; a filter on a feature
+//! no message has yet (URL groups, queues, schedules, flow control) matches nothing.
+
+use axum::http::Uri;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use crate::model::dlq::DlqRecord;
+use crate::model::envelope::Envelope;
+use crate::model::event::{Event, State};
+
+/// The decoded `key=value` pairs of a query string.
+#[derive(Debug, Default, Clone)]
+pub struct Query {
+    pairs: Vec<(String, String)>,
+}
+
+impl Query {
+    pub fn parse(uri: &Uri) -> Self {
+        Query {
+            pairs: url::form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        }
+    }
+
+    /// Every value of `key`, repeated or comma-separated, empty ones dropped.
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.pairs
+            .iter()
+            .filter(|(k, _)| k == key)
+            .flat_map(|(_, v)| v.split(','))
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// Whether `key` appears at all (even with an empty value).
+    pub fn has(&self, key: &str) -> bool {
+        self.pairs.iter().any(|(k, _)| k == key)
+    }
+
+    /// The first non-empty value of `key`.
+    pub fn one(&self, key: &str) -> Option<String> {
+        self.all(key).into_iter().next()
+    }
+
+    /// An integer parameter.
+    pub fn int(&self, key: &str) -> Result<Option<i64>, ApiError> {
+        self.one(key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("{key} must be an integer")))
+            })
+            .transpose()
+    }
+
+    /// `count`, defaulting to `default` and capped at `max`.
+    pub fn count(&self, default: usize, max: usize) -> Result<usize, ApiError> {
+        match self.int("count")? {
+            None => Ok(default),
+            Some(n) if n >= 1 => Ok(usize::try_from(n).unwrap_or(max).min(max)),
+            Some(_) => Err(ApiError::BadRequest("count must be at least 1".into())),
+        }
+    }
+}
+
+/// Ids given in a JSON body (`{"messageIds":[…]}` / `{"dlqIds":[…]}`), as the Python SDK sends.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IdsBody {
+    pub message_ids: Option<Vec<String>>,
+    pub dlq_ids: Option<Vec<String>>,
+}
+
+impl IdsBody {
+    /// Parses a body that may be empty; anything else that is not such JSON is a 400.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(IdsBody::default());
+        }
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::BadRequest(format!("request body must be JSON with ids: {e}")))
+    }
+}
+
+/// Filters of the list and bulk endpoints.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    message_ids: Vec<String>,
+    urls: Vec<String>,
+    hosts: Vec<String>,
+    paths: Vec<String>,
+    labels: Vec<String>,
+    caller_ips: Vec<String>,
+    states: Vec<State>,
+    response_statuses: Vec<u16>,
+    /// Filters on features no message has yet (topicName, queueName, scheduleId, flowControlKey).
+    unmatched_features: bool,
+    from_ms: Option<i64>,
+    to_ms: Option<i64>,
+}
+
+impl Filter {
+    /// Reads the filters; `extra` names the endpoint-specific keys it accepts among
+    /// `messageId`, `messageIds`, `host`, `path`, `state`, `responseStatus`.
+    pub fn from_query(q: &Query, extra: &[&str]) -> Result<Self, ApiError> {
+        let allowed = |k: &str| extra.contains(&k);
+        let mut f = Filter::default();
+        for k in ["messageId", "messageIds"] {
+            if allowed(k) {
+                f.message_ids.extend(q.all(k));
+            }
+        }
+        f.urls = q.all("url");
+        if allowed("host") {
+            f.hosts = q.all("host");
+        } else if q.has("host") || q.has("path") {
+            return Err(ApiError::BadRequest(
+                "host and path filters are not supported here".into(),
+            ));
+        }
+        if allowed("path") {
+            f.paths = q.all("path");
+        }
+        f.labels = q.all("label");
+        f.caller_ips = [q.all("callerIp"), q.all("callerIP")].concat();
+        if allowed("state") {
+            for s in q.all("state") {
+                f.states.extend(parse_state(&s)?);
+            }
+        }
+        if allowed("responseStatus") {
+            for s in q.all("responseStatus") {
+                f.response_statuses.push(s.parse().map_err(|_| {
+                    ApiError::BadRequest("responseStatus must be an HTTP status".into())
+                })?);
+            }
+        }
+        f.unmatched_features = ["topicName", "queueName", "scheduleId", "flowControlKey"]
+            .iter()
+            .any(|k| !q.all(k).is_empty());
+        f.from_ms = q.int("fromDate")?;
+        f.to_ms = q.int("toDate")?;
+        Ok(f)
+    }
+
+    /// Whether no filter was given.
+    pub fn is_empty(&self) -> bool {
+        self.message_ids.is_empty()
+            && self.urls.is_empty()
+            && self.hosts.is_empty()
+            && self.paths.is_empty()
+            && self.labels.is_empty()
+            && self.caller_ips.is_empty()
+            && self.states.is_empty()
+            && self.response_statuses.is_empty()
+            && !self.unmatched_features
+            && self.from_ms.is_none()
+            && self.to_ms.is_none()
+    }
+
+    fn common(
+        &self,
+        id: &str,
+        url: &str,
+        labels: &[String],
+        caller_ip: Option<&str>,
+        time: i64,
+    ) -> bool {
+        let any =
+            |wanted: &[String], have: &str| wanted.is_empty() || wanted.iter().any(|w| w == have);
+        let parsed = reqwest::Url::parse(url).ok();
+        !self.unmatched_features
+            && any(&self.message_ids, id)
+            && any(&self.urls, url)
+            && any(
+                &self.hosts,
+                parsed
+                    .as_ref()
+                    .and_then(|u| u.host_str())
+                    .unwrap_or_default(),
+            )
+            && any(
+                &self.paths,
+                parsed.as_ref().map(|u| u.path()).unwrap_or_default(),
+            )
+            && (self.labels.is_empty() || labels.iter().any(|l| self.labels.contains(l)))
+            && any(&self.caller_ips, caller_ip.unwrap_or_default())
+            && self.from_ms.is_none_or(|f| time >= f)
+            && self.to_ms.is_none_or(|t| time <= t)
+    }
+
+    /// For pending messages (cancel): dates are the creation time.
+    pub fn matches_message(&self, m: &Envelope) -> bool {
+        self.common(
+            &m.message_id,
+            &m.url,
+            &m.labels,
+            m.caller_ip.as_deref(),
+            m.created_at,
+        )
+    }
+
+    /// For log entries: dates are the event time.
+    pub fn matches_event(&self, e: &Event) -> bool {
+        self.common(
+            &e.message_id,
+            &e.url,
+            &e.labels,
+            e.caller_ip.as_deref(),
+            e.time,
+        ) && (self.states.is_empty() || self.states.contains(&e.state))
+    }
+
+    /// For DLQ entries: dates are the failure time.
+    pub fn matches_dlq(&self, r: &DlqRecord) -> bool {
+        let m = &r.message;
+        self.common(
+            &m.message_id,
+            &m.url,
+            &m.labels,
+            m.caller_ip.as_deref(),
+            r.failed_at,
+        ) && (self.response_statuses.is_empty()
+            || r.response_status
+                .is_some_and(|s| self.response_statuses.contains(&s)))
+    }
+}
+
+/// A `state` filter value; `IN_PROGRESS` means any of ACTIVE, RETRY, ERROR; both spellings of
+/// cancelled are accepted.
+fn parse_state(s: &str) -> Result<Vec<State>, ApiError> {
+    Ok(match s.to_ascii_uppercase().as_str() {
+        "IN_PROGRESS" => vec![State::Active, State::Retry, State::Error],
+        "CANCELLED" => vec![State::Canceled],
+        other => vec![
+            serde_json::from_value(serde_json::Value::String(other.to_string()))
+                .map_err(|_| ApiError::BadRequest(format!("unknown state {s:?}")))?,
+        ],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::envelope::sample;
+
+    fn q(s: &str) -> Query {
+        Query::parse(&format!("/x?{s}").parse::<Uri>().unwrap())
+    }
+
+    #[test]
+    fn repeated_and_comma_separated_values() {
+        let query = q("label=a&label=b,c&url=https%3A%2F%2Fx.com%2Fp&count=5");
+        assert_eq!(query.all("label"), ["a", "b", "c"]);
+        assert_eq!(query.one("url").as_deref(), Some("https://x.com/p"));
+        assert_eq!(query.count(100, 1000).unwrap(), 5);
+        assert_eq!(q("count=5000").count(100, 1000).unwrap(), 1000);
+        assert!(q("count=0").count(100, 1000).is_err());
+        assert!(q("count=x").count(100, 1000).is_err());
+    }
+
+    #[test]
+    fn filters_and_within_or_between() {
+        let m = sample(); // url https://example.com/a?b=c, label "a", caller 127.0.0.1, created 1
+        let f = |s: &str| Filter::from_query(&q(s), &["host", "path", "messageIds"]).unwrap();
+        assert!(f("").is_empty());
+        assert!(f("label=zz,a").matches_message(&m), "OR within a filter");
+        assert!(
+            !f("label=a&host=other.com").matches_message(&m),
+            "AND between filters"
+        );
+        assert!(f("host=example.com&path=/a").matches_message(&m));
+        assert!(f("messageIds=msg_1&fromDate=1&toDate=1").matches_message(&m));
+        assert!(!f("fromDate=2").matches_message(&m));
+        assert!(
+            !f("queueName=q").matches_message(&m),
+            "no message has a queue yet"
+        );
+        assert!(
+            Filter::from_query(&q("host=x"), &[]).is_err(),
+            "DLQ refuses host"
+        );
+    }
+
+    #[test]
+    fn state_filter_spellings() {
+        assert_eq!(parse_state("IN_PROGRESS").unwrap().len(), 3);
+        assert_eq!(parse_state("CANCELLED").unwrap(), [State::Canceled]);
+        assert_eq!(parse_state("delivered").unwrap(), [State::Delivered]);
+        assert!(parse_state("NOPE").is_err());
+    }
+}

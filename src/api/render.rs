@@ -1,0 +1,187 @@
+//! JSON shapes the SDKs parse: Message, log entry and DlqMessage (`qstash-api.md` §2.12).
+//!
+//! Keys the Python SDK reads with `response["key"]` are always present. Where the SDKs and the
+//! docs disagree on a name, both are emitted (`callerIP`/`callerIp`, `responseHeader`/
+//! `responseHeaders`, `retryDelayExpr`/`retryDelayExpression`). Bodies are `body` when valid
+//! UTF-8, else `bodyBase64` — except in log entries, where `body`/`responseBody` are base64.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::{json, Map, Value};
+
+use crate::model::dlq::DlqRecord;
+use crate::model::envelope::Envelope;
+use crate::model::event::Event;
+
+/// Inserts `key: value` when `value` is `Some`.
+fn put<T: serde::Serialize>(o: &mut Map<String, Value>, key: &str, value: Option<T>) {
+    if let Some(v) = value {
+        o.insert(key.to_string(), json!(v));
+    }
+}
+
+/// `body` as text when it is UTF-8, else `bodyBase64`.
+fn put_body(o: &mut Map<String, Value>, text_key: &str, base64_key: &str, body: &[u8]) {
+    match std::str::from_utf8(body) {
+        Ok(text) => o.insert(text_key.to_string(), json!(text)),
+        Err(_) => o.insert(base64_key.to_string(), json!(STANDARD.encode(body))),
+    };
+}
+
+fn put_labels(o: &mut Map<String, Value>, labels: &[String]) {
+    if let Some(first) = labels.first() {
+        o.insert("label".into(), json!(first));
+        o.insert("labels".into(), json!(labels));
+    }
+}
+
+fn put_caller_ip(o: &mut Map<String, Value>, ip: Option<&String>) {
+    put(o, "callerIP", ip);
+    put(o, "callerIp", ip);
+}
+
+/// A message (`GET /v2/messages/{id}`).
+pub fn message(m: &Envelope) -> Map<String, Value> {
+    let mut o = Map::new();
+    o.insert("messageId".into(), json!(m.message_id));
+    o.insert("url".into(), json!(m.url));
+    o.insert("method".into(), json!(m.method));
+    o.insert("header".into(), json!(m.header));
+    put_body(&mut o, "body", "bodyBase64", &m.body);
+    o.insert("maxRetries".into(), json!(m.max_retries));
+    o.insert("retried".into(), json!(m.retried));
+    o.insert("notBefore".into(), json!(m.not_before));
+    o.insert("createdAt".into(), json!(m.created_at));
+    put(
+        &mut o,
+        "retryDelayExpression",
+        m.retry_delay_expression.as_ref(),
+    );
+    put(&mut o, "timeout", m.timeout_ms);
+    if let Some(cb) = &m.callback {
+        o.insert("callback".into(), json!(cb.url));
+        o.insert("callbackHeader".into(), json!(cb.header));
+    }
+    if let Some(cb) = &m.failure_callback {
+        o.insert("failureCallback".into(), json!(cb.url));
+        o.insert("failureCallbackHeader".into(), json!(cb.header));
+    }
+    put_labels(&mut o, &m.labels);
+    put_caller_ip(&mut o, m.caller_ip.as_ref());
+    o
+}
+
+/// A log entry (`GET /v2/events`, `/v2/logs`).
+pub fn event(e: &Event) -> Value {
+    let mut o = Map::new();
+    o.insert("time".into(), json!(e.time));
+    o.insert("messageId".into(), json!(e.message_id));
+    o.insert("state".into(), json!(e.state));
+    o.insert("url".into(), json!(e.url));
+    o.insert("method".into(), json!(e.method));
+    o.insert("maxRetries".into(), json!(e.max_retries));
+    o.insert("retried".into(), json!(e.retried));
+    put(&mut o, "error", e.error.as_ref());
+    put(&mut o, "nextDeliveryTime", e.next_delivery_time);
+    put(&mut o, "responseStatus", e.response_status);
+    put(&mut o, "responseHeader", e.response_header.as_ref());
+    put(&mut o, "responseHeaders", e.response_header.as_ref());
+    put(
+        &mut o,
+        "responseBody",
+        e.response_body.as_ref().map(|b| STANDARD.encode(b)),
+    );
+    if let Some(m) = &e.message {
+        o.insert("header".into(), json!(m.header));
+        o.insert("body".into(), json!(STANDARD.encode(&m.body)));
+        o.insert("notBefore".into(), json!(m.not_before));
+        o.insert("createdAt".into(), json!(m.created_at));
+        put(&mut o, "timeout", m.timeout_ms);
+        put(&mut o, "retryDelayExpr", m.retry_delay_expression.as_ref());
+        put(
+            &mut o,
+            "retryDelayExpression",
+            m.retry_delay_expression.as_ref(),
+        );
+        if let Some(cb) = &m.callback {
+            o.insert("callback".into(), json!(cb.url));
+            o.insert("callbackHeaders".into(), json!(cb.header));
+        }
+        if let Some(cb) = &m.failure_callback {
+            o.insert("failureCallback".into(), json!(cb.url));
+            o.insert("failureCallbackHeaders".into(), json!(cb.header));
+        }
+    }
+    put_labels(&mut o, &e.labels);
+    put_caller_ip(&mut o, e.caller_ip.as_ref());
+    Value::Object(o)
+}
+
+/// Status reported for a DLQ entry whose last attempt got no response (Python requires the key).
+pub const NO_RESPONSE_STATUS: u16 = 0;
+
+/// A DLQ entry (`GET /v2/dlq…`).
+pub fn dlq(r: &DlqRecord) -> Value {
+    let mut o = message(&r.message);
+    o.insert("dlqId".into(), json!(r.dlq_id));
+    o.insert(
+        "responseStatus".into(),
+        json!(r.response_status.unwrap_or(NO_RESPONSE_STATUS)),
+    );
+    put(&mut o, "responseHeader", r.response_header.as_ref());
+    if !r.response_body.is_empty() {
+        put_body(
+            &mut o,
+            "responseBody",
+            "responseBodyBase64",
+            &r.response_body,
+        );
+    }
+    o.insert("error".into(), json!(r.error));
+    o.insert("failedAt".into(), json!(r.failed_at));
+    Value::Object(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::envelope::sample;
+    use crate::model::event::State;
+
+    #[test]
+    fn message_has_the_keys_python_requires() {
+        let m = message(&sample());
+        for key in [
+            "messageId",
+            "url",
+            "method",
+            "maxRetries",
+            "notBefore",
+            "createdAt",
+        ] {
+            assert!(m.contains_key(key), "{key}");
+        }
+        // sample body is not UTF-8
+        assert!(m.contains_key("bodyBase64") && !m.contains_key("body"));
+        assert_eq!(m["callerIP"], m["callerIp"]);
+        assert_eq!(m["label"], "a");
+    }
+
+    #[test]
+    fn log_entries_spell_states_and_fields_as_the_sdks_read_them() {
+        let mut e = Event::new(&sample(), State::Canceled, 7);
+        e.response_header = Some(Default::default());
+        let v = event(&e);
+        assert_eq!(v["state"], "CANCELED");
+        for key in [
+            "time",
+            "messageId",
+            "state",
+            "url",
+            "responseHeader",
+            "responseHeaders",
+        ] {
+            assert!(v.get(key).is_some(), "{key}");
+        }
+    }
+}

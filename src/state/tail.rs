@@ -1,0 +1,221 @@
+//! Tails the state-bearing topics (events, DLQ, cancellations, dedup) into the local [`Store`].
+//!
+//! One plain consumer per process, assigned every partition of those topics from the beginning
+//! (no consumer group: every process needs everything). Records are applied in batches, one store
+//! transaction each. At start-up the tailer notes each partition's end offset; it is *caught up*
+//! once it has applied everything before those offsets, and the API serves only after that.
+//! It runs on a blocking thread until shutdown.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::store::{Change, DedupEntry, Store};
+use crate::config::KafkaConfig;
+use crate::kafka::{create_client, Role, SetupError};
+use crate::model::dlq::DlqRecord;
+use crate::model::event::Event;
+
+/// How long one poll waits for records.
+const POLL_TIMEOUT: Duration = Duration::from_millis(50);
+/// Records applied per store transaction at most.
+const BATCH_MAX: usize = 1000;
+/// Timeout of metadata and watermark look-ups at start-up.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Wait between retries of a failed start-up query.
+const RETRY_INTERVAL: Duration = Duration::from_millis(100);
+/// Progress is logged this often while catching up.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What a state-bearing topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Events,
+    Dlq,
+    Cancellations,
+    Dedup,
+}
+
+/// Starts tailing `topics` into `store`; the returned channel turns `true` once caught up.
+pub fn start(
+    kafka: &KafkaConfig,
+    topics: Vec<(String, Kind)>,
+    store: Arc<Store>,
+    shutdown: CancellationToken,
+) -> Result<watch::Receiver<bool>, SetupError> {
+    let mut config = kafka.clone();
+    // Never used to commit; librdkafka wants a group id for a consumer all the same.
+    config.group_id = format!("{}-state-tail", kafka.group_id);
+    let consumer: BaseConsumer = create_client(&config, Role::Consumer)?;
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
+    let kinds: HashMap<String, Kind> = topics.iter().cloned().collect();
+    for (topic, _) in &topics {
+        let metadata = retrying(|| consumer.fetch_metadata(Some(topic), QUERY_TIMEOUT))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len())
+            .unwrap_or_default();
+        for p in 0..i32::try_from(partitions).unwrap_or_default() {
+            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+            let (low, high) = retrying(|| consumer.fetch_watermarks(topic, p, QUERY_TIMEOUT))?;
+            if high > low {
+                remaining.insert((topic.clone(), p), high);
+            }
+        }
+    }
+    consumer.assign(&assignment)?;
+    let (tx, rx) = watch::channel(remaining.is_empty());
+    tokio::task::spawn_blocking(move || run(consumer, kinds, remaining, store, tx, shutdown));
+    Ok(rx)
+}
+
+/// Retries a start-up query on transient errors (a leader election right after topic creation)
+/// until it succeeds or [`QUERY_TIMEOUT`] has passed.
+fn retrying<T>(
+    mut query: impl FnMut() -> Result<T, rdkafka::error::KafkaError>,
+) -> Result<T, rdkafka::error::KafkaError> {
+    let deadline = std::time::Instant::now() + QUERY_TIMEOUT;
+    loop {
+        match query() {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "state start-up query failed; retrying");
+                std::thread::sleep(RETRY_INTERVAL);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn run(
+    consumer: BaseConsumer,
+    kinds: HashMap<String, Kind>,
+    mut remaining: HashMap<(String, i32), i64>,
+    store: Arc<Store>,
+    caught_up: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let started = std::time::Instant::now();
+    let mut last_progress = started;
+    let mut applied: u64 = 0;
+    while !shutdown.is_cancelled() {
+        let mut batch = Vec::new();
+        while batch.len() < BATCH_MAX {
+            let timeout = if batch.is_empty() {
+                POLL_TIMEOUT
+            } else {
+                Duration::ZERO
+            };
+            match consumer.poll(timeout) {
+                Some(Ok(m)) => {
+                    let tp = (m.topic().to_string(), m.partition());
+                    if remaining
+                        .get(&tp)
+                        .is_some_and(|high| m.offset() + 1 >= *high)
+                    {
+                        remaining.remove(&tp);
+                    }
+                    let Some(kind) = kinds.get(m.topic()) else {
+                        continue;
+                    };
+                    match decode(*kind, &m) {
+                        Ok(Some(change)) => batch.push(change),
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "skipping an unreadable state record")
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "state tail error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            applied += batch.len() as u64;
+            if let Err(e) = store.apply(&batch) {
+                tracing::error!(error = %e, "state store write failed");
+            }
+        }
+        if !*caught_up.borrow() {
+            if remaining.is_empty() {
+                tracing::info!(
+                    records = applied,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "state caught up"
+                );
+                let _ = caught_up.send(true);
+            } else if last_progress.elapsed() >= PROGRESS_EVERY {
+                last_progress = std::time::Instant::now();
+                tracing::info!(
+                    records = applied,
+                    partitions_left = remaining.len(),
+                    "catching up on state"
+                );
+            }
+        }
+    }
+}
+
+/// The change a record stands for; `None` for records that change nothing.
+fn decode<M: Message>(kind: Kind, m: &M) -> Result<Option<Change>, String> {
+    let key = || {
+        m.key()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .map(String::from)
+            .ok_or_else(|| "record without a UTF-8 key".to_string())
+    };
+    let payload = m.payload();
+    Ok(Some(match kind {
+        Kind::Events => {
+            let Some(p) = payload else { return Ok(None) };
+            Change::Event {
+                event: Box::new(Event::decode(p).map_err(|e| e.to_string())?),
+                partition: m.partition(),
+                offset: m.offset(),
+            }
+        }
+        Kind::Dlq => Change::Dlq {
+            dlq_id: key()?,
+            record: match payload {
+                Some(p) => Some(Box::new(DlqRecord::decode(p).map_err(|e| e.to_string())?)),
+                None => None,
+            },
+        },
+        Kind::Cancellations => {
+            let Some(p) = payload else { return Ok(None) };
+            let c: CancelRecord = serde_json::from_slice(p).map_err(|e| e.to_string())?;
+            Change::Cancelled {
+                message_id: c.message_id,
+                at_ms: c.requested_at,
+            }
+        }
+        Kind::Dedup => Change::Dedup {
+            key: key()?,
+            entry: match payload {
+                Some(p) => {
+                    Some(serde_json::from_slice::<DedupEntry>(p).map_err(|e| e.to_string())?)
+                }
+                None => None,
+            },
+        },
+    }))
+}
+
+/// Value of a cancellation record (key: the message id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelRecord {
+    pub message_id: String,
+    pub requested_at: i64,
+}
