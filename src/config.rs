@@ -123,6 +123,8 @@ pub struct DeliveryConfig {
     pub commit_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
     pub default_retries: u32,
     pub max_retries: u32,
     pub user_agent: String,

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::delay::Delayer;
 use crate::delivery::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::delivery::guard::DestinationPolicy;
-use crate::delivery::http::HttpDelivery;
+use crate::delivery::http::{HttpDelivery, Timeouts};
 use crate::delivery::Deliverer;
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
 use crate::kafka::{self, topics, Producer, Role, SetupError};
@@ -134,6 +134,7 @@ pub async fn start(
     tasks.spawn(prune_loop(
         store.clone(),
         config.state.clone(),
+        dlq_retention(&config),
         shutdown.clone(),
     ));
 
@@ -141,7 +142,10 @@ pub async fn start(
         signer.clone(),
         DestinationPolicy::new(config.delivery.allowed_networks.clone()),
         &config.delivery.user_agent,
-        config.delivery.timeout,
+        Timeouts {
+            default: config.delivery.timeout,
+            max: config.delivery.max_timeout,
+        },
     )?;
     let consumer = ParallelConsumer::new(
         &kafka::client_config(&config.kafka, Role::Consumer).map_err(SetupError::from)?,
@@ -224,10 +228,27 @@ pub async fn start(
     })
 }
 
-/// Drops old events and expired dedup ids from the local store every `prune_interval`.
+/// Default DLQ retention when the topic config does not set `retention.ms` (Kafka's default).
+const DEFAULT_DLQ_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// The DLQ topic's retention (ms), from `topics.dlq.config."retention.ms"`; -1 means forever.
+fn dlq_retention(config: &Config) -> i64 {
+    config
+        .topics
+        .dlq
+        .config
+        .get("retention.ms")
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(|ms| if ms < 0 { i64::MAX } else { ms })
+        .unwrap_or(DEFAULT_DLQ_RETENTION_MS)
+}
+
+/// Drops old events, DLQ entries past the DLQ topic's retention and expired dedup ids from the
+/// local store every `prune_interval`.
 async fn prune_loop(
     store: Arc<Store>,
     config: crate::config::StateConfig,
+    dlq_retention_ms: i64,
     shutdown: CancellationToken,
 ) {
     let retention = i64::try_from(config.events_retention.as_millis()).unwrap_or(i64::MAX);
@@ -239,7 +260,12 @@ async fn prune_loop(
         }
         let store = store.clone();
         let now = crate::model::now_ms();
-        match tokio::task::spawn_blocking(move || store.prune(now - retention, now)).await {
+        let (events_cutoff, dlq_cutoff) = (
+            now.saturating_sub(retention),
+            now.saturating_sub(dlq_retention_ms),
+        );
+        match tokio::task::spawn_blocking(move || store.prune(events_cutoff, dlq_cutoff, now)).await
+        {
             Ok(Ok(pruned)) if pruned > 0 => tracing::debug!(pruned, "pruned old events"),
             Ok(Err(e)) => tracing::warn!(error = %e, "pruning the state store failed"),
             _ => {}

@@ -199,3 +199,40 @@ async fn exhausted_and_non_retryable_messages_land_in_the_dlq() {
     );
     assert_eq!(final_489.counts()[&refused], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_endpoint_does_not_hold_up_others() {
+    const IN_FLIGHT: usize = 2;
+    let kafka = TestKafka::new();
+    let mut config = kafka.config();
+    // Few delivery slots: if retries waited in them, the healthy messages could not get through.
+    config.delivery.max_in_flight = IN_FLIGHT;
+    let kstash = kafka.start(config).await;
+    let api = Api::new(kstash.addr());
+    let mut failing = Receiver::start().await;
+    failing.set(Script::status(503));
+    let mut healthy = Receiver::start().await;
+
+    let mut failing_ids = Vec::new();
+    for _ in 0..IN_FLIGHT * 2 {
+        // Default retries and backoff: the first retry is ~12 s away.
+        let (status, json) = api.publish(&failing.url("/down"), "f", &[]).await;
+        assert_eq!(status, 200, "{json}");
+        failing_ids.push(json["messageId"].as_str().unwrap().to_string());
+    }
+    failing
+        .collect_until(common::WAIT, |c| {
+            failing_ids.iter().all(|id| c.contains_key(id))
+        })
+        .await;
+    let sent = std::time::Instant::now();
+    let (status, json) = api.publish(&healthy.url("/up"), "h", &[]).await;
+    assert_eq!(status, 200, "{json}");
+    let got = healthy.next().await;
+    assert!(
+        got.at.duration_since(sent) < Duration::from_secs(5),
+        "a healthy message waited {:?} behind failing ones",
+        got.at.duration_since(sent)
+    );
+    kstash.stop().await;
+}

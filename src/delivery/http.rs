@@ -17,7 +17,7 @@ use crate::model::destination::validate_url;
 use crate::model::envelope::{Envelope, HeaderMap as JsonHeaderMap};
 use crate::signing::Signer;
 
-/// Response bytes kept for events (and later callbacks and the DLQ); the rest is discarded.
+/// Response bytes kept for events, callbacks and the DLQ; the rest is discarded.
 pub const RESPONSE_BODY_LIMIT: usize = 64 * 1024;
 /// Connect timeout of deliveries.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,7 +47,14 @@ pub struct HttpDelivery {
     client: reqwest::Client,
     policy: Arc<DestinationPolicy>,
     signer: Signer,
-    default_timeout: Duration,
+    timeouts: Timeouts,
+}
+
+/// Per-attempt timeouts: `default` without `Upstash-Timeout`; `max` caps any `Upstash-Timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub default: Duration,
+    pub max: Duration,
 }
 
 impl HttpDelivery {
@@ -55,7 +62,7 @@ impl HttpDelivery {
         signer: Signer,
         policy: DestinationPolicy,
         user_agent: &str,
-        default_timeout: Duration,
+        timeouts: Timeouts,
     ) -> Result<Self, reqwest::Error> {
         let policy = Arc::new(policy);
         let client = reqwest::Client::builder()
@@ -68,7 +75,7 @@ impl HttpDelivery {
             client,
             policy,
             signer,
-            default_timeout,
+            timeouts,
         })
     }
 
@@ -105,7 +112,7 @@ impl HttpDelivery {
         let timeout = envelope
             .timeout_ms
             .map(Duration::from_millis)
-            .map_or(self.default_timeout, |t| t.min(self.default_timeout));
+            .map_or(self.timeouts.default, |t| t.min(self.timeouts.max));
         let mut request = Request::new(method, url);
         *request.headers_mut() = headers;
         *request.body_mut() = Some(envelope.body.clone().into());
@@ -137,7 +144,7 @@ impl HttpDelivery {
             Err(e) if e.is_timeout() => {
                 return Outcome::Error(format!(
                     "timed out after {:?}",
-                    timeout.unwrap_or(self.default_timeout)
+                    timeout.unwrap_or(self.timeouts.default)
                 ))
             }
             Err(e) => return Outcome::Error(error_chain(&e)),
@@ -203,7 +210,10 @@ mod tests {
             Signer::new("sig_current_aaaaaaaaaaaaaaaaaaaaaaaa", "sig_next"),
             DestinationPolicy::new(allowed),
             "Upstash-QStash",
-            Duration::from_secs(30),
+            Timeouts {
+                default: Duration::from_secs(30),
+                max: Duration::from_secs(60),
+            },
         )
         .unwrap()
     }
@@ -228,6 +238,30 @@ mod tests {
             "Upstash-Timeout shortens"
         );
         assert_eq!(req.body().unwrap().as_bytes().unwrap(), e.body.as_slice());
+    }
+
+    #[test]
+    fn timeouts_default_and_cap() {
+        let d = delivery(vec![]);
+        let mut e = sample();
+        e.timeout_ms = None;
+        assert_eq!(
+            d.prepare(&e).unwrap().timeout(),
+            Some(&Duration::from_secs(30)),
+            "default"
+        );
+        e.timeout_ms = Some(45_000);
+        assert_eq!(
+            d.prepare(&e).unwrap().timeout(),
+            Some(&Duration::from_secs(45)),
+            "above the default, within the max"
+        );
+        e.timeout_ms = Some(3_600_000);
+        assert_eq!(
+            d.prepare(&e).unwrap().timeout(),
+            Some(&Duration::from_secs(60)),
+            "capped at the max"
+        );
     }
 
     #[test]

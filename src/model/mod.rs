@@ -19,3 +19,62 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default();
     i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
 }
+
+/// Checks written records against the published JSON Schemas in `schemas/`: every field written
+/// is declared, every required field is written, recursively through `$ref`s (within a schema
+/// and to the other schema files).
+#[cfg(test)]
+pub(crate) mod schema_test {
+    use serde_json::Value;
+
+    /// The schema file `name` under `schemas/`.
+    pub fn schema(name: &str) -> Value {
+        let text = match name {
+            "envelope.v1.json" => include_str!("../../schemas/envelope.v1.json"),
+            "event.v1.json" => include_str!("../../schemas/event.v1.json"),
+            "dlq.v1.json" => include_str!("../../schemas/dlq.v1.json"),
+            other => panic!("unknown schema {other}"),
+        };
+        serde_json::from_str(text).expect("schema is JSON")
+    }
+
+    /// Panics with the offending path when `written` does not conform to schema file `name`.
+    pub fn assert_conforms(written: &Value, name: &str) {
+        let root = schema(name);
+        check(&root, &root, written, name);
+    }
+
+    fn check(root: &Value, node: &Value, written: &Value, path: &str) {
+        if let Some(reference) = node["$ref"].as_str() {
+            return match reference.strip_prefix('#') {
+                Some(pointer) => {
+                    let target = root
+                        .pointer(pointer)
+                        .unwrap_or_else(|| panic!("{path}: dangling $ref {reference}"));
+                    check(root, target, written, path)
+                }
+                None => {
+                    let other = schema(reference);
+                    check(&other, &other, written, path)
+                }
+            };
+        }
+        let props = node["properties"].as_object().expect("object schema");
+        for (key, value) in written.as_object().expect("an object") {
+            let prop = props
+                .get(key)
+                .unwrap_or_else(|| panic!("field {path}.{key} missing from schema"));
+            if value.is_object() && (prop.get("$ref").is_some() || prop.get("properties").is_some())
+            {
+                check(root, prop, value, &format!("{path}.{key}"));
+            }
+        }
+        for key in node["required"].as_array().into_iter().flatten() {
+            let key = key.as_str().unwrap_or_default();
+            assert!(
+                written.get(key).is_some(),
+                "required field {path}.{key} not written"
+            );
+        }
+    }
+}

@@ -312,8 +312,15 @@ impl Store {
             .filter(|e| e.expires_at > now_ms))
     }
 
-    /// Drops events older than `cutoff_ms` and expired dedup keys; returns how many events went.
-    pub fn prune(&self, cutoff_ms: i64, now_ms: i64) -> Result<usize, StoreError> {
+    /// Drops events older than `cutoff_ms`, DLQ entries that failed before `dlq_cutoff_ms` (Kafka's
+    /// retention removes those from the topic without a tombstone) and expired dedup keys;
+    /// returns how many events went.
+    pub fn prune(
+        &self,
+        cutoff_ms: i64,
+        dlq_cutoff_ms: i64,
+        now_ms: i64,
+    ) -> Result<usize, StoreError> {
         let mut pruned = 0;
         self.write(|tx| {
             let mut events = tx.open_table(EVENTS)?;
@@ -332,6 +339,20 @@ impl Store {
                 by_message.remove(id.as_str(), key)?;
             }
             pruned = old.len();
+            let mut order = tx.open_table(DLQ_BY_TIME)?;
+            let mut dlq = tx.open_table(DLQ)?;
+            let expired_dlq: Vec<(u64, String)> = order
+                .range(..(failed_at_key(dlq_cutoff_ms), ""))?
+                .filter_map(Result::ok)
+                .map(|(k, _)| {
+                    let (t, id) = k.value();
+                    (t, id.to_string())
+                })
+                .collect();
+            for (t, id) in &expired_dlq {
+                order.remove((*t, id.as_str()))?;
+                dlq.remove(id.as_str())?;
+            }
             let mut dedup = tx.open_table(DEDUP)?;
             let expired: Vec<String> = dedup
                 .iter()?
@@ -524,7 +545,7 @@ mod tests {
         assert_eq!(newest[0].1.state, State::Delivered);
         let older = s.events(Some(newest[1].0), 10, |_| true).unwrap();
         assert_eq!(older.len(), 2, "cursor continues below the last key");
-        assert_eq!(s.prune(3, 0).unwrap(), 2);
+        assert_eq!(s.prune(3, 0, 0).unwrap(), 2);
         assert_eq!(s.event_count().unwrap(), 2);
     }
 
