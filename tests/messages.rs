@@ -10,24 +10,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Api, Receiver, TestKafka, TOKEN};
-use kstash::model::event::{Event, State};
+use common::{Api, Receiver, TestKafka};
+use kstash::model::event::State;
 use serde_json::{json, Value};
 
 async fn call(method: reqwest::Method, api: &Api, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut req = reqwest::Client::new()
-        .request(method, format!("{}{path}", api.base))
-        .bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    api.call(method, path, body).await
 }
 
 async fn publish_delayed(api: &Api, url: &str, delay: &str, label: &str) -> String {
@@ -46,14 +34,7 @@ async fn publish_delayed(api: &Api, url: &str, delay: &str, label: &str) -> Stri
     json["messageId"].as_str().unwrap().to_string()
 }
 
-fn states(records: &[Vec<u8>], id: &str) -> Vec<State> {
-    records
-        .iter()
-        .map(|r| Event::decode(r).unwrap())
-        .filter(|e| e.message_id == id)
-        .map(|e| e.state)
-        .collect()
-}
+use common::event_states as states;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pending_message_can_be_read_until_it_is_delivered() {

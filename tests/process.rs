@@ -227,14 +227,7 @@ async fn dev_binary_prints_its_banner_and_delivers_signed_messages() {
     let got = receiver.next().await;
     assert_eq!(got.body.as_ref(), b"from dev");
     let token = got.header("upstash-signature").unwrap();
-    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
-    validation.set_issuer(&["Upstash"]);
-    jsonwebtoken::decode::<kstash::signing::Claims>(
-        token,
-        &jsonwebtoken::DecodingKey::from_secret(DEV_CURRENT_SIGNING_KEY.as_bytes()),
-        &validation,
-    )
-    .expect("signed with the dev key");
+    common::verify_signature(token, DEV_CURRENT_SIGNING_KEY, b"from dev");
 
     let pid = child.id().unwrap().to_string();
     std::process::Command::new("kill")

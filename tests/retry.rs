@@ -8,19 +8,12 @@ use std::time::Duration;
 
 use common::{Api, Receiver, Script, TestKafka};
 use kstash::model::dlq::DlqRecord;
-use kstash::model::event::{Event, State};
+use kstash::model::event::State;
 
 /// Lateness allowed for a retry after its computed time (see tests/delay.rs).
 const MAX_LATENESS: Duration = Duration::from_millis(900);
 
-fn states(records: &[Vec<u8>], id: &str) -> Vec<State> {
-    records
-        .iter()
-        .map(|r| Event::decode(r).unwrap())
-        .filter(|e| e.message_id == id)
-        .map(|e| e.state)
-        .collect()
-}
+use common::event_states as states;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fails_twice_then_delivers_with_exact_attempts_and_gaps() {

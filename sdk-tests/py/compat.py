@@ -9,8 +9,13 @@ It starts a recording HTTP receiver on 127.0.0.1 (random port), publishes throug
 SDK, waits (event-driven, bounded) for each delivery and checks what arrived. Output:
 one `ok - name` / `not ok - name: reason` line per check, then `N passed, M failed` as
 the last line; exit code 1 if any check failed. scripts/sdk-tests.sh runs it.
+
+The message checks call `client.message.cancel_all()`, which cancels EVERY pending message
+on that kstash: run it only against a kstash of its own.
 """
 
+import contextlib
+import io
 import json
 import os
 import sys
@@ -21,11 +26,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from qstash import QStash, Receiver
 from qstash.errors import QStashError, SignatureError
+from qstash.log import LogState
 from qstash.message import FlowControl
 
 DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="
 DELIVERY_TIMEOUT_S = 15.0
 CALL_TIMEOUT_S = 15.0
+POLL_TIMEOUT_S = 10.0  # bound for eventually consistent views (messages, logs, DLQ)
+POLL_INTERVAL_S = 0.05
+NO_MORE_GRACE_S = 1.0  # how long "no further request" is watched for
+# Messages that the suite cancels are due this long after their publish (not_before), so that
+# the end of the suite can watch that they never arrive.
+PENDING_DUE_S = 5.0
 
 BASE_URL = os.environ.get("KSTASH_URL", "").rstrip("/")
 TOKEN = os.environ.get("KSTASH_TOKEN") or DEV_TOKEN
@@ -106,10 +118,23 @@ def expect_raises(exc_type, fn, what, reason=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Recording receiver: every request is stored; waiters are woken through a Condition.
+# Recording receiver: every request is stored; waiters are woken through a Condition. A path
+# can be given a plan of statuses to answer with (in order), and a status for afterwards.
 # ---------------------------------------------------------------------------------------
-deliveries = []  # dicts: method, url, path, headers (lower-case name -> value), body (bytes)
+deliveries = []  # dicts: method, url, path, headers (lower-case name -> value), body, status
+plans = {}  # path -> {"statuses": [status, ...], "then": status}
 cond = threading.Condition()
+
+
+def plan_statuses(path, statuses, then=200):
+    """Answer the next requests to path with statuses in order, then always `then`."""
+    with cond:
+        plans[path] = {"statuses": list(statuses), "then": then}
+
+
+def deliveries_to(path):
+    with cond:
+        return [d for d in deliveries if d["path"] == path]
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -120,19 +145,29 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             body = self._read_chunked()
+        path = self.path.split("?", 1)[0]
+        with cond:
+            plan = plans.get(path)
+            if plan is None:
+                status = 200
+            elif plan["statuses"]:
+                status = plan["statuses"].pop(0)
+            else:
+                status = plan["then"]
         record = {
             "method": self.command,
             "url": self.path,
-            "path": self.path.split("?", 1)[0],
+            "path": path,
             "headers": {k.lower(): v for k, v in self.headers.items()},
             "body": body,
             "received_at": time.time(),
+            "status": status,
         }
         with cond:
             deliveries.append(record)
             cond.notify_all()
-        reply = b"received"
-        self.send_response(200)
+        reply = b"received" if 200 <= status < 300 else f"planned {status}".encode()
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(reply)))
         self.end_headers()
@@ -154,20 +189,85 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def wait_for_delivery(path, timeout=DELIVERY_TIMEOUT_S):
+def wait_for_deliveries(path, n, timeout=DELIVERY_TIMEOUT_S):
+    """Returns the first n requests to path (bounded wait)."""
     deadline = time.monotonic() + timeout
     with cond:
         while True:
-            for d in deliveries:
-                if d["path"] == path:
-                    return d
+            seen = [d for d in deliveries if d["path"] == path]
+            if len(seen) >= n:
+                return seen[:n]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                seen = ", ".join(f"{d['method']} {d['url']}" for d in deliveries) or "none"
+                others = ", ".join(f"{d['method']} {d['url']}" for d in deliveries) or "none"
+                what = f"delivery to {path}" if n == 1 else f"{n} requests to {path}"
                 raise CheckFailed(
-                    f"delivery to {path}: none within {timeout:g} s (deliveries seen so far: {seen})"
+                    f"{what}: none within {timeout:g} s (got {len(seen)}; deliveries seen so far: {others})"
                 )
             cond.wait(remaining)
+
+
+def wait_for_delivery(path, timeout=DELIVERY_TIMEOUT_S):
+    return wait_for_deliveries(path, 1, timeout)[0]
+
+
+def expect_no_more_deliveries(path, n, grace=NO_MORE_GRACE_S):
+    """After the expected n requests to path, none more may arrive within grace seconds."""
+    time.sleep(grace)
+    seen = deliveries_to(path)
+    if len(seen) != n:
+        desc = ", ".join(f"{d['status']} at +{(d['received_at'] - seen[0]['received_at']) * 1000:.0f} ms"
+                         for d in seen)
+        raise CheckFailed(f"{len(seen)} requests to {path} (want exactly {n}): {desc}")
+
+
+def poll(what, fn, timeout=POLL_TIMEOUT_S):
+    """Polls fn (the views behind messages/logs/DLQ are eventually consistent) until it
+    returns something other than None; raises with the last error after the bound."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = bounded(fn, what)
+            if value is not None:
+                return value
+            last = None
+        except Exception as e:  # noqa: BLE001 -- reported if the bound is reached
+            last = e
+        if time.monotonic() >= deadline:
+            suffix = f" (last error: {type(last).__name__}: {last})" if last else ""
+            raise CheckFailed(f"{what}: not within {timeout:g} s{suffix}")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def expect_status(fn, status, what):
+    """fn must raise QStashError with the given HTTP status."""
+    e = expect_raises(QStashError, lambda: bounded(fn, what), what)
+    if f"status: {status}," not in str(e):
+        raise CheckFailed(f"{what}: got {type(e).__name__}: {e}, want status {status}")
+    return e
+
+
+def poll_until_404(what, fn):
+    def attempt():
+        try:
+            fn()
+        except QStashError as e:
+            if "status: 404," in str(e):
+                return True
+            raise
+        return None
+
+    return poll(f"{what} raises status 404", attempt)
+
+
+def quiet(fn):
+    """Calls fn with stdout captured: qstash 3.4.0's LogApi.list() print()s the raw response,
+    which would otherwise land between the `ok` lines."""
+    def run():
+        with contextlib.redirect_stdout(io.StringIO()):
+            return fn()
+    return run
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,6 +497,472 @@ def run_suite(receiver_base):
             raise CheckFailed(f"got {type(e).__name__}: {e}, want status 401")
 
     check("publish with a wrong token raises QStashError status 401", bad_token_is_401)
+
+    # 6. Delivery semantics and the management APIs (message, DLQ, log), SDK calls only.
+    # The message checks come first: their cancel_all() runs while nothing else of the suite
+    # is pending, and the wait for their cancelled messages overlaps the checks after them.
+    ctx = {"client": client, "run_id": run_id, "base": receiver_base, "cancelled": []}
+    message_checks(ctx)
+    not_before_checks(ctx)
+    retry_checks(ctx)
+    dedup_checks(ctx)
+    failure_callback_checks(ctx)
+    dlq_checks(ctx)
+    log_checks(ctx)
+    cancelled_never_delivered(ctx)
+
+
+# ---------------------------------------------------------------------------------------
+# Delay & not-before
+# ---------------------------------------------------------------------------------------
+def not_before_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+
+    def arrives_not_before():
+        path = f"/py/{run_id}/not-before"
+        not_before = int(time.time()) + 2
+        bounded(lambda: client.message.publish(url=f"{base}{path}", body="not before",
+                                               not_before=not_before), "publish(not_before)")
+        d = wait_for_delivery(path)
+        if d["received_at"] < not_before:
+            raise CheckFailed(f"arrived {not_before - d['received_at']:.3f} s before not_before")
+
+    check("publish with not_before (unix s) arrives no earlier than that time", arrives_not_before)
+
+
+# ---------------------------------------------------------------------------------------
+# Retries: 500, 500, 200 with retries=2 and a 200 ms retry_delay -> exactly 3 attempts.
+# ---------------------------------------------------------------------------------------
+def retry_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    path = f"/py/{run_id}/retries"
+    plan_statuses(path, [500, 500])
+
+    def publish():
+        res = bounded(lambda: client.message.publish(
+            url=f"{base}{path}", body="retry me", retries=2, retry_delay="200"), "publish(retries)")
+        if not res.message_id.startswith("msg_"):
+            raise CheckFailed(f"response {res!r}")
+        return res.message_id
+
+    msg_id = check('publish with retries=2, retry_delay="200" returns message_id', publish)
+    if not msg_id:
+        return
+    def three_attempts():
+        seen = wait_for_deliveries(path, 3)
+        expect_equal([d["status"] for d in seen], [500, 500, 200], "statuses answered")
+        return seen
+
+    attempts = check("retries: 3 attempts arrive (answered 500, 500, 200)", three_attempts)
+    if not attempts:
+        return
+    check("retries: upstash-retried is 0, 1, 2",
+          lambda: expect_equal([d["headers"].get("upstash-retried") for d in attempts],
+                               ["0", "1", "2"], "upstash-retried"))
+    check("retries: every attempt carries the same upstash-message-id",
+          lambda: expect_equal([d["headers"].get("upstash-message-id") for d in attempts],
+                               [msg_id] * 3, "upstash-message-id"))
+
+    def gaps():
+        g = [(b["received_at"] - a["received_at"]) * 1000 for a, b in zip(attempts, attempts[1:])]
+        if any(x < 200 for x in g):
+            raise CheckFailed(f"gaps {', '.join(f'{x:.0f}' for x in g)} ms")
+
+    check("retries: attempts are at least the retry_delay (200 ms) apart", gaps)
+    check("retries: no 4th attempt after the 200", lambda: expect_no_more_deliveries(path, 3))
+
+
+# ---------------------------------------------------------------------------------------
+# Deduplication
+# ---------------------------------------------------------------------------------------
+def dedup_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    variants = [
+        ("deduplication_id", {"deduplication_id": f"dedup-{run_id}"}, f"/py/{run_id}/dedup-id"),
+        ("content_based_deduplication", {"content_based_deduplication": True},
+         f"/py/{run_id}/dedup-content"),
+    ]
+    for label, options, path in variants:
+        def publish_twice(options=options, path=path, label=label):
+            def once():
+                return client.message.publish(url=f"{base}{path}", body=f"dedup body {label} {run_id}",
+                                              **options)
+            first = bounded(once, "publish #1")
+            second = bounded(once, "publish #2")
+            if not first.message_id.startswith("msg_"):
+                raise CheckFailed(f"first response {first!r}")
+            expect_equal(second.message_id, first.message_id, "second message_id")
+            expect_equal(second.deduplicated, True, "second .deduplicated")
+            expect_equal(first.deduplicated, False, "first .deduplicated")
+            return first
+
+        first = check(f"{label}: publishing twice gives the same message_id, the second "
+                      f".deduplicated True", publish_twice)
+        if not first:
+            continue
+
+        def exactly_one(path=path, first=first):
+            d = wait_for_delivery(path)
+            expect_equal(d["headers"].get("upstash-message-id"), first.message_id,
+                         "upstash-message-id")
+            expect_no_more_deliveries(path, 1)
+
+        check(f"{label}: the receiver gets exactly one delivery", exactly_one)
+
+
+# ---------------------------------------------------------------------------------------
+# Failure callback: one request after the final failed attempt.
+# ---------------------------------------------------------------------------------------
+def failure_callback_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    path = f"/py/{run_id}/always-fails"
+    failure_path = f"/py/{run_id}/failure-callback"
+    plan_statuses(path, [], then=500)
+
+    def publish():
+        res = bounded(lambda: client.message.publish(
+            url=f"{base}{path}", body="doomed", retries=1, retry_delay="100",
+            failure_callback=f"{base}{failure_path}"), "publish(failure_callback)")
+        if not res.message_id.startswith("msg_"):
+            raise CheckFailed(f"response {res!r}")
+        return res.message_id
+
+    msg_id = check("publish with failure_callback (retries=1) returns message_id", publish)
+    if not msg_id:
+        return
+
+    # Values are kept in `got` as soon as they are read, so that a failed assertion in one
+    # check does not hide the checks after it.
+    got = {}
+
+    def one_after_final():
+        callback = got["callback"] = wait_for_delivery(failure_path)
+        attempts = deliveries_to(path)
+        expect_equal(len(attempts), 2, "attempts before the failure callback")
+        if callback["received_at"] < attempts[1]["received_at"]:
+            raise CheckFailed("failure callback arrived before the final attempt")
+        expect_no_more_deliveries(failure_path, 1)
+        expect_equal(len(deliveries_to(path)), 2, "attempts in total")
+
+    check("failure_callback: one request arrives after the final (2nd) failed attempt",
+          one_after_final)
+    callback = got.get("callback")
+    if not callback:
+        return
+
+    def payload_fields():
+        try:
+            payload = got["payload"] = json.loads(callback["body"])
+        except ValueError:
+            raise CheckFailed(f"body is not JSON: {callback['body']!r}")
+        if not isinstance(payload.get("dlqId"), str) or not payload["dlqId"]:
+            raise CheckFailed(f"no dlqId in {payload!r}")
+        expect_equal(payload.get("sourceMessageId"), msg_id, "sourceMessageId")
+        expect_equal(payload.get("status"), 500, "status")
+
+    check("failure_callback: JSON body has dlqId, sourceMessageId and status 500", payload_fields)
+    payload = got.get("payload")
+    if not isinstance(payload, dict) or not payload.get("dlqId"):
+        return
+
+    def is_dlq_entry():
+        entry = poll("dlq.get(dlqId of the failure callback)",
+                     lambda: client.dlq.get(payload["dlqId"]))
+        expect_equal(entry.message_id, msg_id, "message_id")
+        bounded(lambda: client.dlq.delete(payload["dlqId"]), "dlq.delete")
+
+    check("failure_callback: its dlqId is the message's DLQ entry (dlq.get)", is_dlq_entry)
+
+
+# ---------------------------------------------------------------------------------------
+# DLQ round trip (qstash 3.4.0 has no DLQ retry call: list, get, delete, delete_many)
+# ---------------------------------------------------------------------------------------
+def dlq_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    path = f"/py/{run_id}/dlq"
+    dest = f"{base}{path}"
+    plan_statuses(path, [], then=500)
+
+    def publish():
+        res = bounded(lambda: client.message.publish(url=dest, body=f"dlq body {run_id}", retries=0),
+                      "publish")
+        wait_for_delivery(path)
+        return res.message_id
+
+    msg_id = check("DLQ: publish with retries=0 to a path answering 500", publish)
+    if not msg_id:
+        return
+
+    got = {}  # see failure_callback_checks
+
+    def listed():
+        def find():
+            r = client.dlq.list(filter={"message_id": msg_id})
+            return r.messages[0] if r.messages else None
+
+        entry = got["entry"] = poll("the DLQ entry", find)
+        expect_equal(entry.message_id, msg_id, "message_id")
+        expect_equal(entry.response_status, 500, "response_status")
+        expect_equal(entry.url, dest, "url")
+        expect_equal(entry.body, f"dlq body {run_id}", "body")
+        expect_equal(entry.max_retries, 0, "max_retries")
+        if not entry.dlq_id:
+            raise CheckFailed(f"no dlq_id in {entry!r}")
+
+    check("DLQ: dlq.list(filter={message_id}) lists it with response_status 500", listed)
+    entry = got.get("entry")
+    if not entry or not entry.dlq_id:
+        return
+    check("DLQ: the entry carries the destination's response body",
+          lambda: expect_equal(entry.response_body, "planned 500", "response_body"))
+
+    def get():
+        got = bounded(lambda: client.dlq.get(entry.dlq_id), "dlq.get")
+        expect_equal(got.dlq_id, entry.dlq_id, "dlq_id")
+        expect_equal(got.message_id, msg_id, "message_id")
+        expect_equal(got.response_status, 500, "response_status")
+        expect_equal(got.body, f"dlq body {run_id}", "body")
+
+    check("DLQ: dlq.get(dlq_id) returns the entry", get)
+
+    # Two more failures: delete_many([]) deletes nothing, delete one, delete_many the rest.
+    def three_listed():
+        ids = [msg_id]
+        for i in range(2):
+            ids.append(bounded(lambda i=i: client.message.publish(
+                url=dest, body=f"delete me {i}", retries=0), "publish").message_id)
+
+        def all_three():
+            r = client.dlq.list(filter={"url": dest})
+            return r.messages if len(r.messages) >= 3 else None
+
+        entries = poll("three DLQ entries", all_three)
+        got["dlq_ids"] = [e.dlq_id for e in entries]
+        expect_equal(sorted(e.message_id for e in entries), sorted(ids), "message_ids")
+
+    check("DLQ: three failed messages are listed (dlq.list(filter={url}))", three_listed)
+    if len(got.get("dlq_ids") or []) != 3:
+        return
+    a, b, c = got["dlq_ids"]
+
+    def delete_many_empty():
+        expect_equal(bounded(lambda: client.dlq.delete_many([]), "dlq.delete_many([])"), 0, "deleted")
+        left = bounded(lambda: client.dlq.list(filter={"url": dest}), "dlq.list")
+        expect_equal(len(left.messages), 3, "entries left")
+
+    check("DLQ: dlq.delete_many([]) returns 0 and deletes nothing", delete_many_empty)
+
+    def delete_one():
+        bounded(lambda: client.dlq.delete(a), "dlq.delete")
+
+        def only_b_c():
+            left = client.dlq.list(filter={"url": dest}).messages
+            return True if sorted(m.dlq_id for m in left) == sorted([b, c]) else None
+
+        poll("the deleted entry to go", only_b_c)
+
+    check("DLQ: dlq.delete(dlq_id) removes that entry only", delete_one)
+    check("DLQ: dlq.get of a deleted dlq_id raises status 404",
+          lambda: expect_status(lambda: client.dlq.get(a), 404, "dlq.get(deleted id)"))
+    check("DLQ: dlq.delete of a deleted dlq_id raises status 404",
+          lambda: expect_status(lambda: client.dlq.delete(a), 404, "dlq.delete(deleted id)"))
+
+    def delete_many():
+        expect_equal(bounded(lambda: client.dlq.delete_many([b, c]), "dlq.delete_many"), 2, "deleted")
+        poll("the entries to go",
+             lambda: True if not client.dlq.list(filter={"url": dest}).messages else None)
+
+    check("DLQ: dlq.delete_many(dlq_ids) returns 2 and empties the DLQ of them", delete_many)
+
+
+# ---------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------
+def log_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    path = f"/py/{run_id}/logged"
+    dest = f"{base}{path}"
+
+    def publish():
+        res = bounded(lambda: client.message.publish(url=dest, body="log me"), "publish")
+        wait_for_delivery(path)
+        return res.message_id
+
+    msg_id = check("log: a message to log is published and delivered", publish)
+    if not msg_id:
+        return
+    want = {LogState.CREATED, LogState.ACTIVE, LogState.DELIVERED}
+
+    def listed():
+        def find():
+            r = quiet(lambda: client.log.list(filter={"message_id": msg_id}))()
+            return r.logs if want <= {log.state for log in r.logs} else None
+
+        return poll("CREATED, ACTIVE and DELIVERED in the log", find)
+
+    logs = check("log.list(filter={message_id}) has CREATED, ACTIVE and DELIVERED (LogState)", listed)
+    if not logs:
+        return
+
+    def fields():
+        now_ms = time.time() * 1000
+        for log in logs:
+            expect_equal(log.message_id, msg_id, "message_id")
+            expect_equal(log.url, dest, "url")
+            if not isinstance(log.state, LogState):
+                raise CheckFailed(f"state {log.state!r} is not a LogState")
+            if not isinstance(log.time, int) or abs(log.time - now_ms) > 600_000:
+                raise CheckFailed(f"time {log.time!r} is not a recent ms timestamp")
+        times = [log.time for log in logs]
+        if times != sorted(times, reverse=True):
+            raise CheckFailed(f"times not newest first: {times}")
+        expect_equal(logs[0].state, LogState.DELIVERED, "newest state")
+
+    check("log: every entry has the message_id, url, a LogState and a ms time, newest first", fields)
+
+    def by_ids():
+        r = bounded(quiet(lambda: client.log.list(filter={"message_ids": [msg_id]})),
+                    "log.list(message_ids)")
+        expect_equal([log.state for log in r.logs], [log.state for log in logs], "states")
+
+    check("log.list(filter={message_ids: [id]}) returns the same entries", by_ids)
+
+    def paging():
+        pages = []
+        cursor = None
+        while True:
+            r = bounded(quiet(lambda: client.log.list(
+                filter={"message_id": msg_id}, count=1, cursor=cursor)), "log.list(count=1)")
+            expect_equal(len(r.logs), 1, f"entries on page {len(pages) + 1}")
+            pages.append(r.logs[0])
+            cursor = r.cursor
+            if len(pages) < len(logs) and not cursor:
+                raise CheckFailed(f"no cursor after page {len(pages)} of {len(logs)}")
+            if len(pages) > len(logs):
+                raise CheckFailed(f"more pages than the {len(logs)} entries")
+            if not cursor:
+                break
+        expect_equal([(p.state, p.time) for p in pages], [(log.state, log.time) for log in logs],
+                     "paged entries")
+
+    check("log paging: count=1 gives one entry and a cursor; following cursors walks all entries",
+          paging)
+
+
+# ---------------------------------------------------------------------------------------
+# Messages: get, cancel, cancel_many, cancel_all
+# ---------------------------------------------------------------------------------------
+def publish_pending(ctx, label, due=PENDING_DUE_S, watch=True):
+    """Publishes a message due `due` seconds from now and waits until message.get sees it.
+    With watch, the end of the suite checks that it is never delivered."""
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    path = f"/py/{run_id}/pending-{label}"
+    not_before_s = int(time.time() + due) + 1
+    res = bounded(lambda: client.message.publish(url=f"{base}{path}", body=f"pending {label}",
+                                                 not_before=not_before_s), "publish")
+    if watch:
+        ctx["cancelled"].append((path, not_before_s))
+    poll(f"message.get({label})", lambda: client.message.get(res.message_id))
+    return res.message_id
+
+
+def message_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    dest = f"{base}/py/{run_id}/pending-get?q=1"
+    sent_ms = time.time() * 1000
+
+    def publish():
+        res = bounded(lambda: client.message.publish(
+            url=dest, body=f"pending body {run_id}", method="PUT", retries=2, delay=30,
+            headers={"X-Pending": "yes"}), "publish(delay=30)")
+        if not res.message_id.startswith("msg_"):
+            raise CheckFailed(f"response {res!r}")
+        return res.message_id
+
+    msg_id = check("message: publish with delay=30 (PUT, retries=2, header) returns message_id",
+                   publish)
+    if msg_id:
+        got = {}  # see failure_callback_checks
+
+        def get():
+            m = got["m"] = poll("message.get", lambda: client.message.get(msg_id))
+            expect_equal(m.message_id, msg_id, "message_id")
+            expect_equal(m.url, dest, "url")
+            expect_equal(m.method, "PUT", "method")
+            expect_equal(m.body, f"pending body {run_id}", "body")
+            expect_equal(m.max_retries, 2, "max_retries")
+            if not isinstance(m.created_at, int) or abs(m.created_at - sent_ms) > 5000:
+                raise CheckFailed(f"created_at {m.created_at!r}, sent at {sent_ms:.0f} (ms)")
+            delay = m.not_before - m.created_at
+            if not 29_000 <= delay <= 31_000:
+                raise CheckFailed(f"not_before {m.not_before} is {delay} ms after created_at, want ~30000")
+
+        check("message.get(id) returns url, method, body, max_retries, not_before, created_at", get)
+        m = got.get("m")
+        if m:
+            def header():
+                values = {k.lower(): v for k, v in (m.headers or {}).items()}
+                expect_equal(values.get("x-pending"), ["yes"], "headers['X-Pending']")
+                if any(k.startswith("upstash-forward-") for k in values):
+                    raise CheckFailed(f"headers {m.headers!r}")
+
+            check("message.get(id): headers hold the forwarded header without its prefix", header)
+        check("message.cancel(id) returns", lambda: bounded(lambda: client.message.cancel(msg_id),
+                                                           "message.cancel"))
+        check("message.get(id) after cancel raises status 404",
+              lambda: poll_until_404("message.get(cancelled)", lambda: client.message.get(msg_id)))
+        check("message.cancel(id) of a cancelled message raises status 404",
+              lambda: expect_status(lambda: client.message.cancel(msg_id), 404,
+                                    "message.cancel(cancelled)"))
+
+    def cancel_many_empty():
+        # Due later: it stays pending until cancel_all() below, however long that takes.
+        pending = publish_pending(ctx, "empty-list", due=60, watch=False)
+        expect_equal(bounded(lambda: client.message.cancel_many([]), "message.cancel_many([])"), 0,
+                     "cancelled")
+        got = bounded(lambda: client.message.get(pending), "message.get(still pending)")
+        expect_equal(got.message_id, pending, "still pending message_id")
+        return pending
+
+    kept = check("message.cancel_many([]) returns 0 and cancels nothing", cancel_many_empty)
+
+    def cancel_many():
+        ids = [publish_pending(ctx, "bulk-a"), publish_pending(ctx, "bulk-b")]
+        expect_equal(bounded(lambda: client.message.cancel_many(ids), "message.cancel_many"), 2,
+                     "cancelled")
+        for m in ids:
+            poll_until_404(f"message.get({m})", lambda m=m: client.message.get(m))
+
+    check("message.cancel_many([id, id]) returns 2 and the messages are gone", cancel_many)
+
+    # All: nothing else of this suite is pending here but the kept one (these checks run
+    # before the others).
+    def cancel_all():
+        ids = [publish_pending(ctx, "all-a"), publish_pending(ctx, "all-b")]
+        ids += [kept] if isinstance(kept, str) else []
+        n = bounded(client.message.cancel_all, "message.cancel_all")
+        if not isinstance(n, int) or n < len(ids):
+            raise CheckFailed(f"cancel_all() returned {n!r}, want >= {len(ids)}")
+        for m in ids:
+            poll_until_404(f"message.get({m})", lambda m=m: client.message.get(m))
+
+    check("message.cancel_all() returns a count >= the pending ones and they are gone", cancel_all)
+
+
+def cancelled_never_delivered(ctx):
+    if not ctx["cancelled"]:
+        return
+
+    def none_arrived():
+        until = max(nb for _, nb in ctx["cancelled"]) + 1.5
+        if until > time.time():
+            time.sleep(until - time.time())
+        arrived = [p for p, _ in ctx["cancelled"] if deliveries_to(p)]
+        if arrived:
+            raise CheckFailed(f"delivered anyway: {', '.join(arrived)}")
+
+    check("cancelled messages are not delivered (watched until 1.5 s past their not_before)",
+          none_arrived)
 
 
 def main():

@@ -11,6 +11,9 @@
 // one `ok - name` / `not ok - name: reason` line per check, then `N passed, M failed` as
 // the last line; exit code 1 if any check failed. scripts/sdk-tests.sh runs it.
 //
+// The messages checks call `messages.cancel({all: true})`, which cancels EVERY pending
+// message on that kstash: run it only against a kstash of its own.
+//
 // Internal: `node compat.mjs --dev-mode-child <url>` is the child process of the
 // dev-mode check (a fresh process, so the SDK sees QSTASH_DEV from its environment).
 
@@ -25,6 +28,12 @@ const DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc
 const DELIVERY_TIMEOUT_MS = 15_000;
 const CALL_TIMEOUT_MS = 15_000;
 const CHILD_TIMEOUT_MS = 30_000;
+const POLL_TIMEOUT_MS = 10_000; // bound for eventually consistent views (messages, logs, DLQ)
+const POLL_INTERVAL_MS = 50;
+const NO_MORE_GRACE_MS = 1_000; // how long "no further request" is watched for
+// Messages that the suite cancels are due this long after their publish (notBefore), so that
+// the end of the suite can watch that they never arrive.
+const PENDING_DUE_MS = 5_000;
 
 // ---------------------------------------------------------------------------------------
 // Child mode: a bare `new Client()` that only sees QSTASH_DEV / QSTASH_DEV_PORT.
@@ -129,15 +138,24 @@ async function expectReject(promise, what) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Recording receiver: every request is stored; waiters are woken by pathname.
+// Recording receiver: every request is stored; waiters are woken on each request. A path
+// can be given a plan of statuses to answer with (in order), and a status for afterwards.
 // ---------------------------------------------------------------------------------------
-const deliveries = []; // {method, url, pathname, headers, rawHeaders, body: Buffer}
-const waiters = new Map(); // pathname -> [resolve]
+const deliveries = []; // {method, url, pathname, headers, rawHeaders, body: Buffer, status}
+let waiters = []; // {pathname, n, resolve}
+const plans = new Map(); // pathname -> {statuses: [status…], then: status}
+/** Answer the next requests to `pathname` with `statuses` in order, then always `then`. */
+function planStatuses(pathname, statuses, then = 200) {
+  plans.set(pathname, { statuses: [...statuses], then });
+}
+const deliveriesTo = (pathname) => deliveries.filter((d) => d.pathname === pathname);
 const server = http.createServer((req, res) => {
   const chunks = [];
   req.on("data", (c) => chunks.push(c));
   req.on("end", () => {
     const pathname = req.url.split("?")[0];
+    const plan = plans.get(pathname);
+    const status = plan ? (plan.statuses.length ? plan.statuses.shift() : plan.then) : 200;
     const record = {
       method: req.method,
       url: req.url,
@@ -146,29 +164,90 @@ const server = http.createServer((req, res) => {
       rawHeaders: req.rawHeaders,
       body: Buffer.concat(chunks),
       receivedAt: Date.now(),
+      status,
     };
     deliveries.push(record);
-    res.writeHead(200, { "content-type": "text/plain" });
-    res.end("received");
-    for (const resolve of waiters.get(pathname) ?? []) resolve(record);
-    waiters.delete(pathname);
+    res.writeHead(status, { "content-type": "text/plain" });
+    res.end(status >= 200 && status < 300 ? "received" : `planned ${status}`);
+    const seen = deliveriesTo(pathname);
+    waiters = waiters.filter((w) => {
+      if (w.pathname !== pathname || seen.length < w.n) return true;
+      w.resolve(seen.slice(0, w.n));
+      return false;
+    });
   });
 });
 await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
 const RECEIVER = `http://127.0.0.1:${server.address().port}`;
 
-function waitForDelivery(pathname, ms = DELIVERY_TIMEOUT_MS) {
-  const seen = deliveries.find((d) => d.pathname === pathname);
-  if (seen) return Promise.resolve(seen);
+/** Resolves with the first n requests to pathname (bounded wait). */
+function waitForDeliveries(pathname, n, ms = DELIVERY_TIMEOUT_MS) {
+  const seen = deliveriesTo(pathname);
+  if (seen.length >= n) return Promise.resolve(seen.slice(0, n));
+  let waiter;
   return withTimeout(
     new Promise((resolve) => {
-      waiters.set(pathname, [...(waiters.get(pathname) ?? []), resolve]);
+      waiter = { pathname, n, resolve };
+      waiters.push(waiter);
     }),
     ms,
-    `delivery to ${pathname}`,
+    n === 1 ? `delivery to ${pathname}` : `${n} requests to ${pathname}`,
   ).catch((error) => {
+    waiters = waiters.filter((w) => w !== waiter);
     const others = deliveries.map((d) => `${d.method} ${d.url}`).join(", ") || "none";
-    throw new Error(`${error.message} (deliveries seen so far: ${others})`);
+    throw new Error(`${error.message} (got ${deliveriesTo(pathname).length}; deliveries seen so far: ${others})`);
+  });
+}
+async function waitForDelivery(pathname, ms = DELIVERY_TIMEOUT_MS) {
+  return (await waitForDeliveries(pathname, 1, ms))[0];
+}
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+/** After the expected n requests to pathname, none more may arrive within graceMs. */
+async function expectNoMoreDeliveries(pathname, n, graceMs = NO_MORE_GRACE_MS) {
+  await sleep(graceMs);
+  const seen = deliveriesTo(pathname);
+  if (seen.length !== n) {
+    throw new Error(`${seen.length} requests to ${pathname} (want exactly ${n}): ${seen.map((d) => `${d.status} at +${d.receivedAt - seen[0].receivedAt} ms`).join(", ")}`);
+  }
+}
+/**
+ * Polls fn (the views behind messages/logs/DLQ are eventually consistent) until it returns
+ * something other than undefined; throws with the last error or `what` after the bound.
+ */
+async function poll(what, fn, ms = POLL_TIMEOUT_MS) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      const value = await withTimeout(Promise.resolve().then(fn), CALL_TIMEOUT_MS, what);
+      if (value !== undefined) return value;
+      last = undefined;
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() >= deadline) {
+      throw new Error(`${what}: not within ${ms} ms${last ? ` (last error: ${last?.message ?? last})` : ""}`);
+    }
+    await sleep(POLL_INTERVAL_MS);
+  }
+}
+/** fn must reject with a QstashError of the given status. */
+async function expectStatus(promise, status, what) {
+  const error = await expectReject(withTimeout(promise, CALL_TIMEOUT_MS, what), what);
+  if (!(error instanceof QstashError)) throw new Error(`${what}: got ${error?.name}: ${error?.message}, want QstashError`);
+  expectEqual(error.status, status, `${what}: status (message ${error.message})`);
+  return error;
+}
+/** Polls until `get()` rejects with QstashError status 404. */
+async function pollUntil404(what, get) {
+  return poll(`${what} answers 404`, async () => {
+    try {
+      await get();
+    } catch (error) {
+      if (error instanceof QstashError && error.status === 404) return true;
+      throw error;
+    }
+    return undefined;
   });
 }
 
@@ -254,6 +333,10 @@ async function checkSignature(label, delivery, destination, keys) {
 // ---------------------------------------------------------------------------------------
 const runId = `${process.pid}-${Date.now().toString(36)}`;
 const client = new Client({ baseUrl: BASE_URL, token: TOKEN });
+// Log states of the SDK's `State` type that a server may emit (IN_PROGRESS is filter-only).
+const STATES = ["CREATED", "ACTIVE", "DELIVERED", "ERROR", "RETRY", "FAILED", "CANCEL_REQUESTED", "CANCELED"];
+// Messages the suite cancelled, {path, notBefore (ms)}: none of them may ever be delivered.
+const cancelledPaths = []; // {path, notBefore (ms)}: must never be delivered
 
 try {
   // Signing keys (the TS SDK has no keys API; this is the same call the Python SDK makes).
@@ -398,8 +481,22 @@ try {
     expectEqual(error.status, 401, `status (message ${error.message})`);
   });
 
-  // 6. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
+  // 6. Delivery semantics and the management APIs (messages, DLQ, logs), SDK calls only.
+  // The messages checks come first: their cancel-all runs while nothing else of the suite is
+  // pending, and the wait for their cancelled messages (item 8) overlaps the checks after them.
+  await messagesChecks();
+  await notBeforeChecks();
+  await retryChecks();
+  await dedupChecks();
+  await failureCallbackChecks();
+  await dlqChecks();
+  await logsChecks();
+
+  // 7. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
   await devModeChecks();
+
+  // 8. Cancelled messages (published with a near notBefore) never arrive.
+  await cancelledNeverDelivered();
 } catch (error) {
   notOk("suite crashed", error?.stack ?? error);
 } finally {
@@ -491,5 +588,388 @@ async function devModeChecks() {
       url: devDest,
     });
     expectEqual(verified, true, "verify()");
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Delay & not-before
+// ---------------------------------------------------------------------------------------
+async function notBeforeChecks() {
+  await check("publish with notBefore (unix s) arrives no earlier than that time", async () => {
+    const path = `/ts/${runId}/not-before`;
+    const notBefore = Math.floor(Date.now() / 1000) + 2;
+    await withTimeout(client.publish({ url: `${RECEIVER}${path}`, body: "not before", notBefore }), CALL_TIMEOUT_MS, "publish(notBefore)");
+    const d = await waitForDelivery(path);
+    if (d.receivedAt < notBefore * 1000) {
+      throw new Error(`arrived ${notBefore * 1000 - d.receivedAt} ms before notBefore`);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Retries: 500, 500, 200 with retries: 2 and a 200 ms retryDelay -> exactly 3 attempts.
+// ---------------------------------------------------------------------------------------
+async function retryChecks() {
+  const path = `/ts/${runId}/retries`;
+  planStatuses(path, [500, 500]);
+  let id;
+  const published = await check('publish with retries: 2, retryDelay: "200" returns messageId', async () => {
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}${path}`, body: "retry me", retries: 2, retryDelay: "200" }),
+      CALL_TIMEOUT_MS,
+      "publish(retries)",
+    );
+    if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+    id = res.messageId;
+  });
+  if (!published) return;
+  let attempts;
+  await check("retries: 3 attempts arrive (answered 500, 500, 200)", async () => {
+    attempts = await waitForDeliveries(path, 3);
+    expectEqual(attempts.map((d) => d.status).join(","), "500,500,200", "statuses answered");
+  });
+  if (!attempts) return;
+  await check("retries: upstash-retried is 0, 1, 2", () =>
+    expectEqual(attempts.map((d) => d.headers["upstash-retried"]).join(","), "0,1,2", "upstash-retried"),
+  );
+  await check("retries: every attempt carries the same upstash-message-id", () =>
+    expectEqual(attempts.map((d) => d.headers["upstash-message-id"]).join(","), [id, id, id].join(","), "upstash-message-id"),
+  );
+  await check("retries: attempts are at least the retryDelay (200 ms) apart", () => {
+    const gaps = attempts.slice(1).map((d, i) => d.receivedAt - attempts[i].receivedAt);
+    if (gaps.some((g) => g < 200)) throw new Error(`gaps ${gaps.join(", ")} ms`);
+  });
+  await check("retries: no 4th attempt after the 200", () => expectNoMoreDeliveries(path, 3));
+}
+
+// ---------------------------------------------------------------------------------------
+// Deduplication
+// ---------------------------------------------------------------------------------------
+async function dedupChecks() {
+  const variants = [
+    ["deduplicationId", { deduplicationId: `dedup-${runId}` }, `/ts/${runId}/dedup-id`],
+    ["contentBasedDeduplication", { contentBasedDeduplication: true }, `/ts/${runId}/dedup-content`],
+  ];
+  for (const [label, options, path] of variants) {
+    let first;
+    let second;
+    const published = await check(`${label}: publishing twice gives the same messageId, the second deduplicated: true`, async () => {
+      const request = { url: `${RECEIVER}${path}`, body: `dedup body ${label} ${runId}`, ...options };
+      first = await withTimeout(client.publish(request), CALL_TIMEOUT_MS, "publish #1");
+      second = await withTimeout(client.publish(request), CALL_TIMEOUT_MS, "publish #2");
+      if (!first?.messageId?.startsWith("msg_")) throw new Error(`first response ${JSON.stringify(first)}`);
+      expectEqual(second?.messageId, first.messageId, "second messageId");
+      expectEqual(second?.deduplicated, true, "second deduplicated");
+      if (first.deduplicated) throw new Error(`first response is deduplicated: ${JSON.stringify(first)}`);
+    });
+    if (!published) continue;
+    await check(`${label}: the receiver gets exactly one delivery`, async () => {
+      const [d] = await waitForDeliveries(path, 1);
+      expectEqual(d.headers["upstash-message-id"], first.messageId, "upstash-message-id");
+      await expectNoMoreDeliveries(path, 1);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Failure callback: one request after the final failed attempt.
+// ---------------------------------------------------------------------------------------
+async function failureCallbackChecks() {
+  const path = `/ts/${runId}/always-fails`;
+  const failurePath = `/ts/${runId}/failure-callback`;
+  planStatuses(path, [], 500);
+  let id;
+  const published = await check("publish with failureCallback (retries: 1) returns messageId", async () => {
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}${path}`, body: "doomed", retries: 1, retryDelay: "100", failureCallback: `${RECEIVER}${failurePath}` }),
+      CALL_TIMEOUT_MS,
+      "publish(failureCallback)",
+    );
+    id = res?.messageId;
+    if (!id?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+  });
+  if (!published) return;
+  let callback;
+  let payload;
+  await check("failureCallback: one request arrives after the final (2nd) failed attempt", async () => {
+    [callback] = await waitForDeliveries(failurePath, 1);
+    const attempts = deliveriesTo(path);
+    expectEqual(attempts.length, 2, "attempts before the failure callback");
+    if (callback.receivedAt < attempts[1].receivedAt) throw new Error("failure callback arrived before the final attempt");
+    await expectNoMoreDeliveries(failurePath, 1);
+    expectEqual(deliveriesTo(path).length, 2, "attempts in total");
+  });
+  if (!callback) return;
+  await check("failureCallback: JSON body has dlqId, sourceMessageId and status 500", () => {
+    try {
+      payload = JSON.parse(callback.body.toString("utf8"));
+    } catch {
+      throw new Error(`body is not JSON: ${callback.body.toString("utf8")}`);
+    }
+    if (typeof payload.dlqId !== "string" || !payload.dlqId) throw new Error(`no dlqId in ${JSON.stringify(payload)}`);
+    expectEqual(payload.sourceMessageId, id, "sourceMessageId");
+    expectEqual(payload.status, 500, "status");
+  });
+  if (!payload?.dlqId) return;
+  await check("failureCallback: its dlqId is the message's DLQ entry (dlq.listMessages({dlqIds}))", async () => {
+    const res = await poll("DLQ entry of the failure callback's dlqId", async () => {
+      const r = await client.dlq.listMessages({ dlqIds: [payload.dlqId] });
+      return r.messages.length ? r : undefined;
+    });
+    expectEqual(res.messages.length, 1, "entries");
+    expectEqual(res.messages[0].messageId, id, "messageId");
+    await client.dlq.delete(payload.dlqId);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// DLQ round trip
+// ---------------------------------------------------------------------------------------
+async function dlqChecks() {
+  // One message fails (retries: 0) and is retried from the DLQ; the retry is answered 200.
+  const path = `/ts/${runId}/dlq-retry`;
+  const dest = `${RECEIVER}${path}`;
+  planStatuses(path, [500]);
+  let id;
+  const published = await check("DLQ: publish with retries: 0 to a path answering 500", async () => {
+    const res = await withTimeout(client.publish({ url: dest, body: `dlq body ${runId}`, retries: 0 }), CALL_TIMEOUT_MS, "publish");
+    id = res?.messageId;
+    if (!id?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+    await waitForDelivery(path);
+  });
+  if (!published) return;
+  let entry;
+  await check("DLQ: dlq.listMessages({filter: {messageId}}) lists it with responseStatus 500", async () => {
+    entry = await poll("the DLQ entry", async () => {
+      const r = await client.dlq.listMessages({ filter: { messageId: id } });
+      return r.messages[0];
+    });
+    expectEqual(entry.messageId, id, "messageId");
+    expectEqual(entry.responseStatus, 500, "responseStatus");
+    expectEqual(entry.url, dest, "url");
+    expectEqual(entry.body, `dlq body ${runId}`, "body");
+    expectEqual(entry.maxRetries, 0, "maxRetries");
+    if (typeof entry.dlqId !== "string" || !entry.dlqId) throw new Error(`no dlqId in ${JSON.stringify(entry)}`);
+  });
+  if (!entry?.dlqId) return;
+  await check("DLQ: the entry carries the destination's response body", () =>
+    expectEqual(entry.responseBody, "planned 500", "responseBody"),
+  );
+  await check("DLQ: dlq.listMessages({dlqIds: [dlqId]}) returns exactly that entry", async () => {
+    const r = await withTimeout(client.dlq.listMessages({ dlqIds: [entry.dlqId] }), CALL_TIMEOUT_MS, "listMessages(dlqIds)");
+    expectEqual(r.messages.map((m) => `${m.dlqId}/${m.messageId}`).join(","), `${entry.dlqId}/${id}`, "entries");
+  });
+  let retriedId;
+  await check("DLQ: dlq.retry(dlqId) returns one new messageId", async () => {
+    const r = await withTimeout(client.dlq.retry(entry.dlqId), CALL_TIMEOUT_MS, "dlq.retry");
+    expectEqual(r?.responses?.length, 1, `responses (${JSON.stringify(r)})`);
+    retriedId = r.responses[0].messageId;
+    if (!retriedId?.startsWith("msg_") || retriedId === id) throw new Error(`messageId ${retriedId}, original ${id}`);
+  });
+  if (retriedId) {
+    await check("DLQ: the retried message arrives with the new id and the original body", async () => {
+      const [, d] = await waitForDeliveries(path, 2);
+      expectEqual(d.headers["upstash-message-id"], retriedId, "upstash-message-id");
+      expectEqual(d.body.toString("utf8"), `dlq body ${runId}`, "body");
+    });
+    await check("DLQ: after the retry the entry is gone", () =>
+      poll("the retried entry to leave the DLQ", async () => {
+        const r = await client.dlq.listMessages({ dlqIds: [entry.dlqId] });
+        return r.messages.length === 0 ? true : undefined;
+      }),
+    );
+  }
+
+  // Three more failures: delete one, then deleteMany the other two.
+  const delPath = `/ts/${runId}/dlq-delete`;
+  const delDest = `${RECEIVER}${delPath}`;
+  planStatuses(delPath, [], 500);
+  let entries;
+  await check("DLQ: three failed messages are listed (dlq.listMessages({filter: {url}}))", async () => {
+    const ids = [];
+    for (let i = 0; i < 3; i++) {
+      const res = await withTimeout(client.publish({ url: delDest, body: `delete me ${i}`, retries: 0 }), CALL_TIMEOUT_MS, "publish");
+      ids.push(res.messageId);
+    }
+    entries = await poll("three DLQ entries", async () => {
+      const r = await client.dlq.listMessages({ filter: { url: delDest } });
+      return r.messages.length >= 3 ? r.messages : undefined;
+    });
+    expectEqual(entries.map((e) => e.messageId).sort().join(","), [...ids].sort().join(","), "messageIds");
+  });
+  if (!entries) return;
+  const [a, b, c] = entries.map((e) => e.dlqId);
+  await check("DLQ: dlq.delete(dlqId) removes that entry only", async () => {
+    await withTimeout(client.dlq.delete(a), CALL_TIMEOUT_MS, "dlq.delete");
+    await poll("the deleted entry to go", async () => {
+      const r = await client.dlq.listMessages({ filter: { url: delDest } });
+      const left = r.messages.map((m) => m.dlqId).sort().join(",");
+      return left === [b, c].sort().join(",") ? true : undefined;
+    });
+  });
+  await check("DLQ: dlq.delete of an unknown dlqId throws QstashError status 404", () =>
+    expectStatus(client.dlq.delete(a), 404, "dlq.delete(deleted id)"),
+  );
+  await check("DLQ: dlq.deleteMany({dlqIds}) returns deleted: 2 and empties the DLQ of them", async () => {
+    const r = await withTimeout(client.dlq.deleteMany({ dlqIds: [b, c] }), CALL_TIMEOUT_MS, "dlq.deleteMany");
+    expectEqual(r?.deleted, 2, "deleted");
+    await poll("the entries to go", async () => {
+      const l = await client.dlq.listMessages({ filter: { url: delDest } });
+      return l.messages.length === 0 ? true : undefined;
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Logs
+// ---------------------------------------------------------------------------------------
+async function logsChecks() {
+  const path = `/ts/${runId}/logged`;
+  const dest = `${RECEIVER}${path}`;
+  let id;
+  const delivered = await check("logs: a message to log is published and delivered", async () => {
+    const res = await withTimeout(client.publish({ url: dest, body: "log me" }), CALL_TIMEOUT_MS, "publish");
+    id = res?.messageId;
+    await waitForDelivery(path);
+  });
+  if (!delivered || !id) return;
+  let logs;
+  await check("logs({filter: {messageId}}) has CREATED, ACTIVE and DELIVERED entries", async () => {
+    logs = await poll("CREATED, ACTIVE and DELIVERED in the logs", async () => {
+      const r = await client.logs({ filter: { messageId: id } });
+      const states = new Set(r.logs.map((l) => l.state));
+      return ["CREATED", "ACTIVE", "DELIVERED"].every((s) => states.has(s)) ? r.logs : undefined;
+    });
+  });
+  if (!logs) return;
+  await check("logs: every entry has the messageId, url, a known state and a ms time, newest first", () => {
+    for (const l of logs) {
+      expectEqual(l.messageId, id, "messageId");
+      expectEqual(l.url, dest, "url");
+      if (!STATES.includes(l.state)) throw new Error(`unknown state ${l.state}`);
+      if (typeof l.time !== "number" || Math.abs(l.time - Date.now()) > 600_000) throw new Error(`time ${l.time} is not a recent ms timestamp`);
+    }
+    const times = logs.map((l) => l.time);
+    if (times.some((t, i) => i > 0 && t > times[i - 1])) throw new Error(`times not newest first: ${times.join(", ")}`);
+    expectEqual(logs[0].state, "DELIVERED", "newest state");
+  });
+  await check("events({filter: {messageId}}) (deprecated alias) returns the same entries", async () => {
+    const r = await withTimeout(client.events({ filter: { messageId: id } }), CALL_TIMEOUT_MS, "events");
+    expectEqual(r.events.map((l) => l.state).join(","), logs.map((l) => l.state).join(","), "states");
+  });
+  await check("logs({messageIds: [id]}) returns the same entries", async () => {
+    const r = await withTimeout(client.logs({ messageIds: [id] }), CALL_TIMEOUT_MS, "logs(messageIds)");
+    expectEqual(r.logs.map((l) => l.state).join(","), logs.map((l) => l.state).join(","), "states");
+  });
+  await check("logs paging: count: 1 gives one entry and a cursor; following cursors walks all entries", async () => {
+    const pages = [];
+    let cursor;
+    do {
+      const r = await withTimeout(client.logs({ filter: { messageId: id }, count: 1, cursor }), CALL_TIMEOUT_MS, "logs(count: 1)");
+      expectEqual(r.logs.length, 1, `entries on page ${pages.length + 1}`);
+      pages.push(r.logs[0]);
+      cursor = r.cursor;
+      if (pages.length < logs.length && !cursor) throw new Error(`no cursor after page ${pages.length} of ${logs.length}`);
+      if (pages.length > logs.length) throw new Error(`more pages than the ${logs.length} entries`);
+    } while (cursor);
+    expectEqual(pages.map((l) => `${l.state}@${l.time}`).join(","), logs.map((l) => `${l.state}@${l.time}`).join(","), "paged entries");
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Messages: get, cancel, bulk cancel, cancel all
+// ---------------------------------------------------------------------------------------
+async function publishPending(label) {
+  const path = `/ts/${runId}/pending-${label}`;
+  const notBefore = Math.ceil((Date.now() + PENDING_DUE_MS) / 1000);
+  const res = await withTimeout(client.publish({ url: `${RECEIVER}${path}`, body: `pending ${label}`, notBefore }), CALL_TIMEOUT_MS, "publish");
+  if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+  cancelledPaths.push({ path, notBefore: notBefore * 1000 });
+  // Wait until the message view has it, so that the cancel calls see it.
+  await poll(`messages.get(${label})`, () => client.messages.get(res.messageId));
+  return res.messageId;
+}
+
+async function messagesChecks() {
+  const path = `/ts/${runId}/pending-get`;
+  const dest = `${RECEIVER}${path}?q=1`;
+  let id;
+  let sentAt;
+  await check("messages: publish with delay: 30 (PUT, retries: 2, header) returns messageId", async () => {
+    sentAt = Date.now();
+    const res = await withTimeout(
+      client.publish({ url: dest, body: `pending body ${runId}`, method: "PUT", retries: 2, delay: 30, headers: { "X-Pending": "yes" } }),
+      CALL_TIMEOUT_MS,
+      "publish(delay: 30)",
+    );
+    id = res?.messageId;
+    if (!id?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+  });
+  if (id) {
+    let m;
+    await check("messages.get(id) returns url, method, body, maxRetries, notBefore, createdAt", async () => {
+      m = await poll("messages.get", () => client.messages.get(id));
+      expectEqual(m.messageId, id, "messageId");
+      expectEqual(m.url, dest, "url");
+      expectEqual(m.method, "PUT", "method");
+      expectEqual(m.body, `pending body ${runId}`, "body");
+      expectEqual(m.maxRetries, 2, "maxRetries");
+      if (typeof m.createdAt !== "number" || Math.abs(m.createdAt - sentAt) > 5_000) throw new Error(`createdAt ${m.createdAt}, sent at ${sentAt} (ms)`);
+      const delay = m.notBefore - m.createdAt;
+      if (typeof m.notBefore !== "number" || delay < 29_000 || delay > 31_000) throw new Error(`notBefore ${m.notBefore} is ${delay} ms after createdAt, want ~30000`);
+    });
+    if (m) {
+      await check("messages.get(id): header holds the forwarded header without its prefix", () => {
+        const entry = Object.entries(m.header ?? {}).find(([k]) => k.toLowerCase() === "x-pending");
+        if (!entry) throw new Error(`header ${JSON.stringify(m.header)}`);
+        expectEqual(JSON.stringify(entry[1]), JSON.stringify(["yes"]), "X-Pending");
+        if (Object.keys(m.header).some((k) => k.toLowerCase().startsWith("upstash-forward-"))) throw new Error(`header ${JSON.stringify(m.header)}`);
+      });
+    }
+    await check("messages.cancel(id) returns {cancelled: 1}", async () => {
+      const r = await withTimeout(client.messages.cancel(id), CALL_TIMEOUT_MS, "messages.cancel");
+      expectEqual(JSON.stringify(r), JSON.stringify({ cancelled: 1 }), "result");
+    });
+    await check("messages.get(id) after cancel throws QstashError status 404", () => pollUntil404("messages.get(cancelled)", () => client.messages.get(id)));
+    await check("messages.cancel(id) of a cancelled message throws QstashError status 404", () =>
+      expectStatus(client.messages.cancel(id), 404, "messages.cancel(cancelled)"),
+    );
+  }
+
+  // Bulk: cancel([ids]) and the deprecated deleteMany([ids]).
+  let bulk;
+  await check("messages.cancel([id, id]) returns {cancelled: 2}", async () => {
+    bulk = [await publishPending("bulk-a"), await publishPending("bulk-b")];
+    const r = await withTimeout(client.messages.cancel(bulk), CALL_TIMEOUT_MS, "messages.cancel([…])");
+    expectEqual(r?.cancelled, 2, "cancelled");
+  });
+  if (bulk) {
+    await check("messages.get of each bulk-cancelled id throws status 404", async () => {
+      for (const m of bulk) await pollUntil404(`messages.get(${m})`, () => client.messages.get(m));
+    });
+  }
+  await check("messages.deleteMany([id]) (deprecated) returns 1", async () => {
+    const m = await publishPending("delete-many");
+    const n = await withTimeout(client.messages.deleteMany([m]), CALL_TIMEOUT_MS, "messages.deleteMany");
+    expectEqual(n, 1, "deleted");
+    await pollUntil404("messages.get(deleted)", () => client.messages.get(m));
+  });
+
+  // All: nothing else of this suite is pending here (these checks run before the others).
+  await check("messages.cancel({all: true}) returns a count >= 2 and the messages are gone", async () => {
+    const ids = [await publishPending("all-a"), await publishPending("all-b")];
+    const r = await withTimeout(client.messages.cancel({ all: true }), CALL_TIMEOUT_MS, "messages.cancel({all: true})");
+    if (typeof r?.cancelled !== "number" || r.cancelled < 2) throw new Error(`result ${JSON.stringify(r)}, want cancelled >= 2`);
+    for (const m of ids) await pollUntil404(`messages.get(${m})`, () => client.messages.get(m));
+  });
+}
+
+async function cancelledNeverDelivered() {
+  if (!cancelledPaths.length) return;
+  await check("cancelled messages are not delivered (watched until 1.5 s past their notBefore)", async () => {
+    const until = Math.max(...cancelledPaths.map((c) => c.notBefore)) + 1_500;
+    if (until > Date.now()) await sleep(until - Date.now());
+    const arrived = cancelledPaths.filter((c) => deliveriesTo(c.path).length > 0).map((c) => c.path);
+    if (arrived.length) throw new Error(`delivered anyway: ${arrived.join(", ")}`);
   });
 }

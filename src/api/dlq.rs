@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::messages::query_store;
-use super::query::{Filter, IdsBody, Query};
+use super::query::{unique, Filter, IdsBody, Query};
 use super::{render, AppState};
 use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
@@ -62,7 +62,7 @@ async fn select(
     let q = Query::parse(uri);
     let body = body.map(IdsBody::parse).transpose()?.unwrap_or_default();
     if q.has("dlqIds") || body.dlq_ids.is_some() {
-        let ids: Vec<String> = [q.all("dlqIds"), body.dlq_ids.unwrap_or_default()].concat();
+        let ids = unique([q.all("dlqIds"), body.dlq_ids.unwrap_or_default()].concat());
         let found = query_store(&state.store, move |s| {
             let mut out = Vec::new();
             for id in &ids {
@@ -243,6 +243,12 @@ fn apply_overrides(
     }
     if has("upstash-label") {
         m.labels = options.labels;
+    }
+    if options.callback.is_some() {
+        m.callback = options.callback;
+    }
+    if options.failure_callback.is_some() {
+        m.failure_callback = options.failure_callback;
     }
     // Forwarded headers of the retry call replace the original ones of the same name. Its own
     // Content-Type is the SDK's, not a setting for the message, so it is not taken.

@@ -17,7 +17,7 @@ use futures::StreamExt;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::query::{Filter, IdsBody, Query};
+use super::query::{unique, Filter, IdsBody, Query};
 use super::{render, AppState};
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State as EventState};
@@ -95,7 +95,7 @@ async fn cancel_many(
     let q = Query::parse(&uri);
     let body = IdsBody::parse(&body)?;
     let explicit_ids = q.has("messageIds") || body.message_ids.is_some();
-    let ids: Vec<String> = [q.all("messageIds"), body.message_ids.unwrap_or_default()].concat();
+    let ids = unique([q.all("messageIds"), body.message_ids.unwrap_or_default()].concat());
     let targets = if explicit_ids {
         // An explicitly empty list cancels nothing (never "everything").
         query_store(&state.store, move |s| {

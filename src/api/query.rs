@@ -89,6 +89,15 @@ impl IdsBody {
     }
 }
 
+/// `ids` without repeats, first occurrence first: an id named twice (or in both the query and
+/// the body) is acted on once.
+pub fn unique(ids: Vec<String>) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    ids.into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect()
+}
+
 /// Filters of the list and bulk endpoints.
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
@@ -286,6 +295,15 @@ mod tests {
         assert!(
             Filter::from_query(&q("host=x"), &[]).is_err(),
             "DLQ refuses host"
+        );
+    }
+
+    #[test]
+    fn ids_are_acted_on_once() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            unique(ids(&["a", "b", "a", "c", "b"])),
+            ids(&["a", "b", "c"])
         );
     }
 

@@ -16,6 +16,8 @@
 
 use std::time::Duration;
 
+use crate::model::short_duration;
+
 /// Where a message goes now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hop {
@@ -68,7 +70,7 @@ impl Ladder {
     pub fn topic_suffixes(&self) -> Vec<String> {
         self.steps
             .iter()
-            .map(|s| format!("delay.{}", label(*s)))
+            .map(|s| format!("delay.{}", short_duration(*s)))
             .collect()
     }
 
@@ -103,22 +105,6 @@ impl Ladder {
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-/// `90s` → `90s`, `120s` → `2m`, `86400s` → `1d`: the largest unit that divides evenly.
-fn label(d: Duration) -> String {
-    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
-    let ms = d.as_millis();
-    if ms % 1000 != 0 {
-        return format!("{ms}ms");
-    }
-    let secs = d.as_secs();
-    for (size, unit) in UNITS {
-        if secs >= size && secs % size == 0 {
-            return format!("{}{unit}", secs / size);
-        }
-    }
-    "0s".to_string()
 }
 
 #[cfg(test)]
@@ -157,7 +143,8 @@ mod tests {
                 "delay.1d"
             ]
         );
-        assert_eq!(label(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(short_duration(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(short_duration(Duration::from_secs(365 * 86400)), "365d");
     }
 
     #[test]

@@ -401,7 +401,7 @@ const MILLIS_PER_SECOND: i64 = 1000;
 fn too_far(header: &str, limits: &Limits) -> HeaderError {
     HeaderError(format!(
         "{header} is further away than the maximum delay of {}",
-        humantime::format_duration(limits.max_delay)
+        super::short_duration(limits.max_delay)
     ))
 }
 

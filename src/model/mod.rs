@@ -12,6 +12,24 @@ pub mod headers;
 pub mod ids;
 pub mod retry;
 
+/// `90s` → `90s`, `120s` → `2m`, `86400s` → `1d`, `1500ms` → `1500ms`: the largest unit that
+/// divides evenly (topic names of the delay ladder, limits in error messages).
+pub fn short_duration(d: std::time::Duration) -> String {
+    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let ms = d.as_millis();
+    if ms % 1000 != 0 {
+        return format!("{ms}ms");
+    }
+    let secs = d.as_secs();
+    UNITS
+        .iter()
+        .find(|(size, _)| secs >= *size && secs % size == 0)
+        .map_or_else(
+            || "0s".to_string(),
+            |(size, unit)| format!("{}{unit}", secs / size),
+        )
+}
+
 /// Milliseconds since the Unix epoch, the time unit of every JSON timestamp in the QStash API.
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now()

@@ -431,10 +431,65 @@ impl Api {
         (status, json)
     }
 
+    /// Any authenticated call; returns status and JSON body (`Null` when not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// Publishes and insists on success; returns the message id.
     pub async fn publish_ok(&self, destination: &str, body: &'static str) -> String {
         let (status, json) = self.publish(destination, body, &[]).await;
         assert_eq!(status, 200, "{json}");
         json["messageId"].as_str().unwrap().to_string()
     }
+}
+
+/// States of `id`'s events among `records` (values of the events topic), in order.
+pub fn event_states(records: &[Vec<u8>], id: &str) -> Vec<kstash::model::event::State> {
+    records
+        .iter()
+        .map(|r| kstash::model::event::Event::decode(r).unwrap())
+        .filter(|e| e.message_id == id)
+        .map(|e| e.state)
+        .collect()
+}
+
+/// Verifies an `Upstash-Signature` the way the SDK receivers do (HS256, issuer `Upstash`, the
+/// registered claims present) with `key`, and checks the `body` claim against `body`.
+pub fn verify_signature(token: &str, key: &str, body: &[u8]) -> kstash::signing::Claims {
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_issuer(&["Upstash"]);
+    validation.set_required_spec_claims(&["iss", "sub", "exp", "nbf"]);
+    let claims = jsonwebtoken::decode::<kstash::signing::Claims>(
+        token,
+        &DecodingKey::from_secret(key.as_bytes()),
+        &validation,
+    )
+    .expect("the signature verifies with the key")
+    .claims;
+    assert_eq!(
+        claims.body,
+        kstash::signing::body_hash(body),
+        "body claim is the hash of the body"
+    );
+    claims
 }
