@@ -15,10 +15,10 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, auth::Tokens, AppState};
 use crate::config::Config;
 use crate::delay::Delayer;
-use crate::delivery::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::delivery::guard::DestinationPolicy;
 use crate::delivery::http::{HttpDelivery, Timeouts};
 use crate::delivery::Deliverer;
+use crate::kafka::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
 use crate::kafka::{self, topics, Producer, Role, SetupError};
 use crate::model::headers::Limits;
@@ -41,6 +41,8 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
     #[error("http client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    State(#[from] crate::state::store::StoreError),
 }
 
 /// A started kstash process.
@@ -110,14 +112,11 @@ pub async fn start(
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
 
-    let store = Arc::new(
-        Store::create(
-            Some(config.state.dir.as_str())
-                .filter(|d| !d.is_empty())
-                .map(std::path::Path::new),
-        )
-        .map_err(|e| SetupError::Topics(e.to_string()))?,
-    );
+    let store = Arc::new(Store::create(
+        Some(config.state.dir.as_str())
+            .filter(|d| !d.is_empty())
+            .map(std::path::Path::new),
+    )?);
     let mut caught_up = tail::start(
         &config.kafka,
         vec![

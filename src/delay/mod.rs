@@ -1,6 +1,6 @@
 //! The delay stage: moves records down the delay ladder and onto the ready topic when due.
 //!
-//! It runs on the same [`ParallelConsumer`](crate::delivery::consumer::ParallelConsumer) as
+//! It runs on the same [`ParallelConsumer`](crate::kafka::consumer::ParallelConsumer) as
 //! delivery, in its own consumer group over the delay topics. A record is *admitted* at its wake
 //! time (`ladder.rs`); until then its partition is paused, so memory does not grow with the number
 //! of delayed messages. Once admitted, a record in its last stretch is held in memory (a sleeping
@@ -16,7 +16,7 @@ use std::time::Duration;
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::consumer::{Admission, Done, RecordHandler};
+use crate::kafka::consumer::{Admission, Done, RecordHandler};
 use crate::kafka::producer::{until_acked, HOP_DUE_HEADER, NOT_BEFORE_HEADER};
 use crate::kafka::Producer;
 use crate::model::now_ms;

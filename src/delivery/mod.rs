@@ -1,13 +1,11 @@
 //! The delivery stage: consume the `ready` topic and deliver each message over HTTP.
 //!
-//! Split by concern: `consumer` (parallel consumption with correct commits; knows nothing of
-//! HTTP), `offsets` (the pure commit arithmetic), `http` (prepare → call), `outcome` (record the
-//! result), `guard` (which addresses may be called). This file wires them into a worker.
+//! Split by concern: `http` (prepare → call), `outcome` (decide what follows an attempt and
+//! make it durable), `guard` (which addresses may be called). This file is the handler the
+//! parallel consumer (`kafka::consumer`) runs for each record of the ready topic.
 
-pub mod consumer;
 pub mod guard;
 pub mod http;
-pub mod offsets;
 pub mod outcome;
 
 use std::sync::Arc;
@@ -16,12 +14,12 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::kafka::consumer::{Done, RecordHandler};
 use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
 use crate::model::now_ms;
 use crate::state::Store;
-use consumer::{Done, RecordHandler};
 use http::{HttpDelivery, Outcome};
 
 /// Delivers one envelope per record.

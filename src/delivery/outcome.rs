@@ -22,8 +22,8 @@
 
 use tokio_util::sync::CancellationToken;
 
-use super::consumer::Done;
 use super::http::{Outcome, Response};
+use crate::kafka::consumer::Done;
 use crate::kafka::producer::until_acked;
 use crate::kafka::Producer;
 use crate::model::callback::{AttemptResponse, Callback, CallbackPayload};

@@ -5,7 +5,9 @@
 //! that kstash sets itself is refused at start-up instead of silently winning or losing, so a
 //! config can never turn off `acks=all` or turn on auto-commit by accident.
 
+pub mod consumer;
 pub mod embedded;
+pub mod offsets;
 pub mod producer;
 pub mod topics;
 
