@@ -22,7 +22,8 @@
 #   `StorageTool random-uuid`), `StorageTool format --standalone` (the 4.x way to
 #   bootstrap a one-voter dynamic quorum), server.properties, logs, data.
 # - Loopback only: PLAINTEXT on 127.0.0.1:$KAFKA_PORT (default 19092), CONTROLLER
-#   on 127.0.0.1:$KAFKA_CONTROLLER_PORT (default KAFKA_PORT+1). Both ports must be
+#   on 127.0.0.1:$KAFKA_CONTROLLER_PORT (default KAFKA_PORT+1); without KAFKA_PORT the next
+#   free pair above 19092 is used. Explicitly given ports must be
 #   free beforehand; we fail instead of silently testing against someone else's
 #   broker. Single-node settings (replication factor 1 everywhere, no rebalance
 #   delay, no topic auto-creation, internal topics with 1 partition so the first
@@ -81,6 +82,8 @@ libs=$cache/libs
 stamp=$libs/.complete
 
 port=${KAFKA_PORT:-19092}
+# Port pairs tried above the default when KAFKA_PORT is not set.
+PORT_SEARCH_TRIES=20
 controller_port=${KAFKA_CONTROLLER_PORT:-$((port + 1))}
 start_timeout=${KAFKA_START_TIMEOUT:-120}
 stop_timeout=${KAFKA_STOP_TIMEOUT:-30}
@@ -285,6 +288,18 @@ fi
 ((have_javac)) || log "javac not found: skipping the metadata probe (port + log line decide readiness)"
 
 # --- 2. ports, temp dir, config, format ---------------------------------------
+# Explicit ports must be free. Without KAFKA_PORT, step to the next pair until both are free, so
+# a broker someone else left running on the default port never fails (or joins) this run.
+ports_busy() { port_open "$port" || port_open "$controller_port"; }
+if [[ -z ${KAFKA_PORT:-} && -z ${KAFKA_CONTROLLER_PORT:-} ]]; then
+  for _ in $(seq 1 "$PORT_SEARCH_TRIES"); do
+    ports_busy || break
+    log "127.0.0.1:$port or :$controller_port is in use; trying the next pair"
+    port=$((port + 2))
+    controller_port=$((port + 1))
+  done
+  bootstrap=127.0.0.1:$port
+fi
 for p in "$port" "$controller_port"; do
   if port_open "$p"; then
     die "127.0.0.1:$p is already in use (another broker?); free it or set KAFKA_PORT / KAFKA_CONTROLLER_PORT"
