@@ -151,6 +151,7 @@ pub struct StateConfig {
     pub prune_interval: Duration,
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
+    pub cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -116,6 +116,7 @@ pub async fn start(
         Some(config.state.dir.as_str())
             .filter(|d| !d.is_empty())
             .map(std::path::Path::new),
+        config.state.cache_bytes,
     )?);
     let mut caught_up = tail::start(
         &config.kafka,

@@ -28,7 +28,9 @@ fn app(kafka: &TestKafka) -> Router {
         signer: Signer::new(common::CURRENT_KEY, common::NEXT_KEY),
         tokens: Tokens::new(vec![TOKEN.into()]),
         body_limit: BODY_LIMIT,
-        store: std::sync::Arc::new(kstash::state::Store::create(None).unwrap()),
+        store: std::sync::Arc::new(
+            kstash::state::Store::create(None, config.state.cache_bytes).unwrap(),
+        ),
         dedup_window: config.state.dedup_window,
         limits: kstash::model::headers::Limits {
             max_delay: config.delay.max_delay,

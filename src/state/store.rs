@@ -108,9 +108,15 @@ pub struct DedupEntry {
     pub expires_at: i64,
 }
 
+/// Every this many commits one is `Durability::Eventual` instead of `None`: redb reuses freed
+/// pages only after a durable commit, so purely non-durable commits would grow the file without
+/// bound (redb's own warning), while durable commits every time would cost an fsync each.
+const DURABLE_EVERY: u64 = 64;
+
 /// The per-process store.
 pub struct Store {
     db: Database,
+    commits: std::sync::atomic::AtomicU64,
     dir: PathBuf,
     remove_dir: bool,
 }
@@ -124,8 +130,9 @@ impl Drop for Store {
 }
 
 impl Store {
-    /// Creates an empty store in `dir` (a fresh temporary directory when `None`, removed on drop).
-    pub fn create(dir: Option<&Path>) -> Result<Self, StoreError> {
+    /// Creates an empty store in `dir` (a fresh temporary directory when `None`, removed on drop)
+    /// whose in-memory page cache holds at most `cache_bytes`.
+    pub fn create(dir: Option<&Path>, cache_bytes: usize) -> Result<Self, StoreError> {
         let (dir, remove_dir) = match dir {
             Some(d) => (d.to_path_buf(), false),
             None => (
@@ -141,9 +148,12 @@ impl Store {
         let path = dir.join("state.redb");
         // Rebuilt from Kafka at every start: never trust a previous run's file.
         let _ = std::fs::remove_file(&path);
-        let db = Database::create(&path)?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(&path)?;
         let store = Store {
             db,
+            commits: std::sync::atomic::AtomicU64::new(0),
             dir,
             remove_dir,
         };
@@ -166,7 +176,14 @@ impl Store {
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write()?;
-        tx.set_durability(Durability::None);
+        let n = self
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tx.set_durability(if n % DURABLE_EVERY == 0 {
+            Durability::Eventual
+        } else {
+            Durability::None
+        });
         {
             // Open every table so reads never meet a missing one.
             tx.open_table(EVENTS)?;
@@ -486,6 +503,34 @@ mod tests {
     use crate::model::dlq::DLQ_VERSION;
     use crate::model::envelope::sample;
 
+    const TEST_CACHE_BYTES: usize = 1 << 20;
+
+    #[test]
+    fn the_file_does_not_grow_with_rewrites_of_the_same_data() {
+        let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
+        let put = |i: u32| Change::Dedup {
+            key: "k".into(),
+            entry: Some(DedupEntry {
+                message_id: format!("m{i}"),
+                url: "u".into(),
+                expires_at: 1,
+            }),
+        };
+        for i in 0..200 {
+            s.apply(&[put(i)]).unwrap();
+        }
+        let size = || std::fs::metadata(s.dir.join("state.redb")).unwrap().len();
+        let after_200 = size();
+        for i in 0..2000 {
+            s.apply(&[put(i)]).unwrap();
+        }
+        assert!(
+            size() <= after_200 * 2,
+            "file grew from {after_200} to {} bytes rewriting one key",
+            size()
+        );
+    }
+
     fn event(id: &str, state: State, time: i64) -> Event {
         let mut m = sample();
         m.message_id = id.into();
@@ -513,7 +558,7 @@ mod tests {
 
     #[test]
     fn pending_messages_follow_their_events() {
-        let s = Store::create(None).unwrap();
+        let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
         s.apply(&[
             ev(event("a", State::Created, 1), 0),
             ev(event("b", State::Created, 2), 1),
@@ -551,7 +596,7 @@ mod tests {
 
     #[test]
     fn dlq_entries_and_tombstones() {
-        let s = Store::create(None).unwrap();
+        let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
         let rec = |id: &str, at: i64| DlqRecord {
             v: DLQ_VERSION,
             dlq_id: id.into(),
@@ -586,7 +631,7 @@ mod tests {
 
     #[test]
     fn cancellations_and_dedup() {
-        let s = Store::create(None).unwrap();
+        let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
         s.apply(&[ev(event("a", State::Created, 1), 0)]).unwrap();
         s.apply(&[Change::Cancelled {
             message_id: "a".into(),
