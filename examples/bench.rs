@@ -1,0 +1,1419 @@
+//! kstash benchmark tool. Starts `kstash dev` (embedded cluster) or `kstash serve` (a real broker)
+//! as a child process on 127.0.0.1, drives it over HTTP with a local receiver, and prints a
+//! markdown table on stdout (progress lines go to stderr).
+//!
+//! ```text
+//! cargo build --release
+//! cargo run --release --example bench -- delay      [--mode dev|serve] ...
+//! cargo run --release --example bench -- memory     [--mode dev|serve] ...
+//! cargo run --release --example bench -- throughput [--mode dev|serve] ...
+//! scripts/with-kafka.sh cargo run --release --example bench -- throughput --mode serve
+//! ```
+//!
+//! - `delay`: lateness of delayed deliveries. Lateness = arrival at the receiver − (time the
+//!   publish request was sent + delay): an upper bound of the true lateness, because kstash starts
+//!   the delay when it receives the request, a little after it was sent. A negative value is an
+//!   early delivery (kstash's due time is never before send time + delay).
+//! - `memory`: RSS of the kstash process (/proc/<pid>/status) idle, after a warm-up, and after N
+//!   messages delayed by an hour (cumulative steps), each after a bounded settle. `--delay 0s` is
+//!   the control: the same publishes, delivered at once.
+//! - `throughput`: N publishes with C concurrent clients to an immediate destination: publishes/s,
+//!   publish latency, publish→delivery latency.
+//!
+//! `scripts/bench.sh` runs all of them on both brokers; BENCHMARKS.md has the results.
+//!
+//! The kstash child is stopped with SIGTERM at the end (SIGKILL on drop if anything goes wrong),
+//! and its scratch directory (config, log, state store) is removed unless `--keep` is given.
+#![deny(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Router;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::process::{Child, Command};
+
+/// The well-known QStash dev token that `kstash dev` accepts.
+const DEV_TOKEN: &str = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0=";
+/// Credentials written into the `kstash serve` config (keys must be ≥ 32 characters).
+const SERVE_TOKEN: &str = "bench-token-0123456789abcdefghijklmnopqrstuvwxyz";
+const SERVE_CURRENT_KEY: &str = "sig_bench_current_0123456789abcdefghijkl";
+const SERVE_NEXT_KEY: &str = "sig_bench_next_0123456789abcdefghijklmnop";
+/// How often progress lines are printed.
+const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+
+#[derive(Parser)]
+#[command(
+    name = "bench",
+    about = "kstash benchmarks: delay lateness, memory vs delayed backlog, publish throughput"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Delayed messages: early count (must be 0) and lateness percentiles per delay.
+    Delay(DelayArgs),
+    /// RSS of the kstash process vs the number of messages waiting in the delay ladder.
+    Memory(MemoryArgs),
+    /// Publish throughput, publish latency and publish→delivery latency at a concurrency.
+    Throughput(ThroughputArgs),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Mode {
+    /// `kstash dev`: the embedded (librdkafka mock) cluster, inside the kstash process.
+    Dev,
+    /// `kstash serve` against the broker(s) in --brokers.
+    Serve,
+}
+
+#[derive(Args, Clone)]
+struct Common {
+    /// Which kstash to start.
+    #[arg(long, value_enum, default_value_t = Mode::Dev)]
+    mode: Mode,
+    /// Kafka bootstrap servers for --mode serve (loopback only).
+    #[arg(long, env = "KSTASH_TEST_BROKERS", default_value = "127.0.0.1:19092")]
+    brokers: String,
+    /// The kstash binary (build it with `cargo build --release`).
+    #[arg(long, default_value = "target/release/kstash")]
+    bin: PathBuf,
+    /// Partitions of every topic (serve: topics.*.partitions; dev: dev.partitions). Default:
+    /// kstash's own defaults.
+    #[arg(long)]
+    partitions: Option<u32>,
+    /// RUST_LOG of the kstash process (its log goes to a file in the scratch directory).
+    #[arg(long, default_value = "info")]
+    rust_log: String,
+    /// Keep the scratch directory (config, kstash log, state store) instead of removing it.
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Args)]
+struct DelayArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Delays to publish with (comma-separated), interleaved in publish order.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration,
+          default_value = "300ms,1500ms,3s,7s,12s")]
+    delays: Vec<Duration>,
+    /// Messages per delay.
+    #[arg(long, default_value_t = 200)]
+    per_delay: usize,
+    /// Publish rate (messages/s, all delays together); 0 = as fast as the clients go.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Concurrent publishing clients.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// How long to wait, after the last due time, for missing deliveries.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    grace: Duration,
+    /// Messages (delayed by the smallest delay) published and delivered before the measured run,
+    /// not counted.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Extra wait after the last delivery, to catch duplicates.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    linger: Duration,
+}
+
+#[derive(Args)]
+struct MemoryArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Cumulative numbers of delayed messages at which RSS is measured (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000,100000")]
+    counts: Vec<usize>,
+    /// Delay of those messages (long enough that none is due during the run). `0s` is the
+    /// control: immediate messages, delivered before RSS settles.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    delay: Duration,
+    /// Body size of each message (bytes).
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    /// Concurrent publishing clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Immediate messages published and delivered before the baseline is taken.
+    #[arg(long, default_value_t = 1000)]
+    warmup: usize,
+    /// Quiet time before the idle and warm-up samples.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    idle: Duration,
+    /// Settled = RSS moved by at most --settle-tolerance-kib over this window (1 sample/s)...
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    settle_window: Duration,
+    /// ...(the tolerance, KiB)...
+    #[arg(long, default_value_t = 1024)]
+    settle_tolerance_kib: u64,
+    /// ...or this much time passed since the last publish.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    settle_max: Duration,
+}
+
+#[derive(Args)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Messages to publish.
+    #[arg(long, default_value_t = 5000)]
+    count: usize,
+    /// Concurrent publishing clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Body size of each message (bytes).
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    /// Immediate messages published and delivered before the measured run (not counted).
+    #[arg(long, default_value_t = 200)]
+    warmup: usize,
+    /// How long to wait, after the last publish, for missing deliveries.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    grace: Duration,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let bench = async {
+        match Cli::parse().command {
+            Bench::Delay(a) => delay_bench(a).await,
+            Bench::Memory(a) => memory_bench(a).await,
+            Bench::Throughput(a) => throughput_bench(a).await,
+        }
+    };
+    // On Ctrl-C or SIGTERM the benchmark future is dropped, which kills kstash (see `Drop`).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = bench => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted; kstash stopped"),
+        _ = term.recv() => bail!("terminated; kstash stopped"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmarks
+// ---------------------------------------------------------------------------------------------
+
+async fn delay_bench(a: DelayArgs) -> Result<()> {
+    if a.delays.is_empty() || a.per_delay == 0 {
+        bail!("need at least one delay and --per-delay > 0");
+    }
+    let total = a.delays.len() * a.per_delay;
+    let clock = Instant::now();
+    let receiver = Receiver::start(clock, total + a.warmup).await?;
+    let kstash = Kstash::spawn(&a.common).await?;
+    let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
+    let smallest = a.delays.iter().min().copied().unwrap_or_default();
+    if a.warmup > 0 {
+        // Ids after the measured ones; not counted. Makes sure the delay stage has its partitions.
+        let run = publisher
+            .publish(PublishJob {
+                label: "delay warm-up",
+                first_id: total,
+                count: a.warmup,
+                delay: Arc::new(move |_| Some(smallest)),
+                body_bytes: 16,
+                concurrency: a.concurrency,
+                rate: None,
+            })
+            .await?;
+        receiver
+            .wait_for(run.ok_count(), smallest + a.grace, "delay warm-up")
+            .await;
+    }
+    let warm_delivered = receiver.delivered();
+    let delays = a.delays.clone();
+    let rate = (a.rate > 0.0).then_some(a.rate);
+    progress(format!(
+        "delay: publishing {total} messages ({} per delay, delays {}) at {} with {} clients",
+        a.per_delay,
+        list_durations(&a.delays),
+        rate.map_or("full speed".to_string(), |r| format!("{r}/s")),
+        a.concurrency
+    ));
+    let cpu = CpuMeter::start(&kstash)?;
+    let run = publisher
+        .publish(PublishJob {
+            label: "delay",
+            first_id: 0,
+            count: total,
+            delay: Arc::new(move |i| Some(delays[i % delays.len()])),
+            body_bytes: 16,
+            concurrency: a.concurrency,
+            rate,
+        })
+        .await?;
+    let max_delay = a.delays.iter().max().copied().unwrap_or_default();
+    let expected = warm_delivered + run.ok_count();
+    let waited = receiver
+        .wait_for(expected, max_delay + a.grace, "delay")
+        .await;
+    let cpu = cpu.report(&kstash)?;
+    tokio::time::sleep(a.linger).await;
+    let arrivals = receiver.arrivals();
+
+    // Per delay and overall: lateness upper bound (vs send time) and lower bound (vs response).
+    let mut rows = Vec::new();
+    let mut all = Lateness::default();
+    for (k, d) in a.delays.iter().enumerate() {
+        let mut l = Lateness::default();
+        for i in (k..total).step_by(a.delays.len()) {
+            l.add(&run.results[i], arrivals[i], *d);
+            all.add(&run.results[i], arrivals[i], *d);
+        }
+        rows.push((fmt_delay(*d), l));
+    }
+    rows.push(("all".to_string(), all));
+    let first_sent = run
+        .results
+        .iter()
+        .map(|s| s.sent_ms)
+        .fold(f64::MAX, f64::min);
+    let mut worst: Vec<(f64, usize)> = (0..total)
+        .filter(|&i| run.results[i].ok)
+        .filter_map(|i| {
+            let d = a.delays[i % a.delays.len()].as_secs_f64() * 1e3;
+            arrivals[i].map(|at| (at - run.results[i].sent_ms - d, i))
+        })
+        .collect();
+    worst.sort_by(|x, y| y.0.total_cmp(&x.0));
+
+    let mut out = String::new();
+    out += &format!("{}\n\n", environment(&a.common, &kstash));
+    out += &format!(
+        "delay: {total} messages, {} clients, rate {}, {} warm-up messages first (not counted), \
+         published in {:.1} s, publish errors {}, duplicates {}, waited {:.1} s after the last \
+         publish\n\n",
+        a.concurrency,
+        rate.map_or("unlimited".to_string(), |r| format!("{r}/s")),
+        a.warmup,
+        run.wall.as_secs_f64(),
+        run.errors,
+        receiver.duplicates(),
+        waited.as_secs_f64()
+    );
+    out += "| delay | published | delivered | missing | early | lateness min | p50 | p90 | p99 | max | lower bound p50 | lower bound p99 |\n";
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for (name, l) in &rows {
+        let upper = Summary::of(l.upper.clone());
+        let lower = Summary::of(l.lower.clone());
+        out += &format!(
+            "| {name} | {} | {} | {} | **{}** | {} | {} | {} | {} | {} | {} | {} |\n",
+            l.published,
+            l.upper.len(),
+            l.missing,
+            l.early,
+            ms(upper.min),
+            ms(upper.p50),
+            ms(upper.p90),
+            ms(upper.p99),
+            ms(upper.max),
+            ms(lower.p50),
+            ms(lower.p99)
+        );
+    }
+    out += "\nLateness in ms = arrival − (publish request sent + delay) (upper bound). \
+            Lower bound = arrival − (publish response received + delay). \
+            Early = arrival before sent + delay.\n";
+    let publish_latency = Summary::of(run.latencies());
+    out += &format!(
+        "Publish latency (request sent → response) p50 {} ms, p99 {} ms, max {} ms.\n",
+        ms(publish_latency.p50),
+        ms(publish_latency.p99),
+        ms(publish_latency.max)
+    );
+    out += &format!("{cpu}\n");
+    out +=
+        "Latest 5 (id: delay, sent at s after the first publish, publish latency ms, lateness ms):";
+    for (late, i) in worst.iter().take(5) {
+        let s = &run.results[*i];
+        out += &format!(
+            " {i}: {}, {:.2} s, {:.1}, {:.1};",
+            fmt_delay(a.delays[i % a.delays.len()]),
+            (s.sent_ms - first_sent) / 1e3,
+            s.done_ms - s.sent_ms,
+            late
+        );
+    }
+    out += "\n";
+    for (name, l) in &rows {
+        if !l.early_examples.is_empty() {
+            out += &format!(
+                "EARLY deliveries for delay {name} (id, ms early): {:?}\n",
+                l.early_examples
+            );
+        }
+    }
+    out += &kstash.log_summary();
+    kstash.stop().await?;
+    println!("{out}");
+    Ok(())
+}
+
+#[derive(Default)]
+struct Lateness {
+    published: usize,
+    missing: usize,
+    early: usize,
+    upper: Vec<f64>,
+    lower: Vec<f64>,
+    early_examples: Vec<(usize, f64)>,
+}
+
+impl Lateness {
+    fn add(&mut self, sent: &Sent, arrival: Option<f64>, delay: Duration) {
+        if !sent.ok {
+            return;
+        }
+        self.published += 1;
+        let Some(at) = arrival else {
+            self.missing += 1;
+            return;
+        };
+        let d = delay.as_secs_f64() * 1e3;
+        let upper = at - (sent.sent_ms + d);
+        if upper < 0.0 {
+            self.early += 1;
+            if self.early_examples.len() < 10 {
+                self.early_examples.push((sent.id, -upper));
+            }
+        }
+        self.upper.push(upper);
+        self.lower.push(at - (sent.done_ms + d));
+    }
+}
+
+async fn memory_bench(a: MemoryArgs) -> Result<()> {
+    let mut counts = a.counts.clone();
+    counts.sort_unstable();
+    counts.dedup();
+    let max = counts.last().copied().unwrap_or_default();
+    // --delay 0s is the control: the same number of messages, delivered at once instead of waiting.
+    let immediate = a.delay.is_zero();
+    let what = if immediate {
+        "immediate messages published and delivered".to_string()
+    } else {
+        format!("messages waiting (delay {})", fmt_delay(a.delay))
+    };
+    let clock = Instant::now();
+    let receiver = Receiver::start(clock, a.warmup + max).await?;
+    let kstash = Kstash::spawn(&a.common).await?;
+    let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
+    let mut rows: Vec<String> = Vec::new();
+    let row = |label: String,
+               rate: Option<f64>,
+               after: Option<Memory>,
+               m: Memory,
+               took: Option<Duration>,
+               growth: Option<(Memory, usize)>| {
+        let dash = || "–".to_string();
+        format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            rate.map_or_else(dash, |r| format!("{r:.0}")),
+            after.map_or_else(dash, |m| mib(m.rss_kib)),
+            mib(m.rss_kib),
+            mib(m.anon_kib),
+            mib(m.file_kib),
+            took.map_or_else(dash, |t| format!("{:.0}", t.as_secs_f64())),
+            mib(m.hwm_kib),
+            bytes_mib(kstash.state_bytes()),
+            growth.map_or_else(
+                || "– | –".to_string(),
+                |(b, n)| {
+                    let kib = m.rss_kib as f64 - b.rss_kib as f64;
+                    format!("{:+.1} | {:+.1}", kib / 1024.0, kib / n as f64)
+                }
+            ),
+        )
+    };
+
+    tokio::time::sleep(a.idle).await;
+    let idle = kstash.memory()?;
+    progress(format!("memory: idle RSS {} MiB", mib(idle.rss_kib)));
+    rows.push(row(
+        "idle, after start".into(),
+        None,
+        None,
+        idle,
+        None,
+        None,
+    ));
+
+    if a.warmup > 0 {
+        let run = publisher
+            .publish(PublishJob {
+                label: "memory warm-up",
+                first_id: 0,
+                count: a.warmup,
+                delay: Arc::new(|_| None),
+                body_bytes: a.body_bytes,
+                concurrency: a.concurrency,
+                rate: None,
+            })
+            .await?;
+        receiver
+            .wait_for(run.ok_count(), Duration::from_secs(60), "memory warm-up")
+            .await;
+        tokio::time::sleep(a.idle).await;
+    }
+    let base = kstash.memory()?;
+    progress(format!(
+        "memory: baseline RSS {} MiB after {} immediate deliveries",
+        mib(base.rss_kib),
+        receiver.delivered()
+    ));
+    rows.push(row(
+        format!("0 (baseline, after {} immediate deliveries)", a.warmup),
+        None,
+        None,
+        base,
+        None,
+        None,
+    ));
+    let delivered_before = receiver.delivered();
+
+    let mut published = 0;
+    let mut errors = 0;
+    let mut ok_total = 0;
+    for &n in &counts {
+        let delay = a.delay;
+        let run = publisher
+            .publish(PublishJob {
+                label: "memory",
+                first_id: a.warmup + published,
+                count: n - published,
+                delay: Arc::new(move |_| (!delay.is_zero()).then_some(delay)),
+                body_bytes: a.body_bytes,
+                concurrency: a.concurrency,
+                rate: None,
+            })
+            .await?;
+        errors += run.errors;
+        ok_total += run.ok_count();
+        let rate = run.ok_count() as f64 / run.wall.as_secs_f64();
+        published = n;
+        let after = kstash.memory()?;
+        progress(format!(
+            "memory: {n} published ({rate:.0}/s); RSS {} MiB right after; settling…",
+            mib(after.rss_kib)
+        ));
+        if immediate {
+            receiver
+                .wait_for(delivered_before + ok_total, a.settle_max, "memory")
+                .await;
+        }
+        let (settled, took) = settle(&kstash, &a).await?;
+        progress(format!(
+            "memory: {n} published: RSS {} MiB after {:.0} s",
+            mib(settled.rss_kib),
+            took.as_secs_f64()
+        ));
+        rows.push(row(
+            n.to_string(),
+            Some(rate),
+            Some(after),
+            settled,
+            Some(took),
+            Some((base, n)),
+        ));
+    }
+    let delivered = receiver.delivered() - delivered_before;
+
+    let mut out = String::new();
+    out += &format!("{}\n\n", environment(&a.common, &kstash));
+    out += &format!(
+        "memory: {what}, {}-byte bodies, {} clients; settled = RSS within {} KiB over {} s, or {} s \
+         after the last publish; publish errors {errors}; of these messages delivered during the \
+         run: {delivered} (expected {})\n\n",
+        a.body_bytes,
+        a.concurrency,
+        a.settle_tolerance_kib,
+        a.settle_window.as_secs(),
+        a.settle_max.as_secs(),
+        if immediate { ok_total } else { 0 },
+    );
+    out += &format!("| {what} | publish/s | RSS right after publishing (MiB) | RSS settled (MiB) | of which anon (MiB) | of which file (MiB) | settle (s) | peak RSS (VmHWM, MiB) | state.redb on disk (MiB) | settled − baseline (MiB) | per message (KiB) |\n");
+    out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for r in &rows {
+        out += r;
+    }
+    out += &kstash.log_summary();
+    kstash.stop().await?;
+    println!("{out}");
+    Ok(())
+}
+
+/// Samples RSS once a second until it stays within the tolerance over the window, or until
+/// `settle_max`. Returns the last sample and the time taken.
+async fn settle(kstash: &Kstash, a: &MemoryArgs) -> Result<(Memory, Duration)> {
+    let start = Instant::now();
+    let window = (a.settle_window.as_secs().max(1) + 1) as usize;
+    let mut samples: Vec<u64> = Vec::new();
+    loop {
+        let m = kstash.memory()?;
+        samples.push(m.rss_kib);
+        let recent = &samples[samples.len().saturating_sub(window)..];
+        let spread = recent.iter().max().unwrap_or(&0) - recent.iter().min().unwrap_or(&0);
+        if (recent.len() == window && spread <= a.settle_tolerance_kib)
+            || start.elapsed() >= a.settle_max
+        {
+            return Ok((m, start.elapsed()));
+        }
+        if samples.len() % 5 == 0 {
+            progress(format!(
+                "memory: settling, RSS {} (moved {} KiB over the last {} s)",
+                mib(m.rss_kib),
+                spread,
+                recent.len() - 1
+            ));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
+    let clock = Instant::now();
+    let receiver = Receiver::start(clock, a.warmup + a.count).await?;
+    let kstash = Kstash::spawn(&a.common).await?;
+    let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
+    let immediate: Arc<DelayFn> = Arc::new(|_| None);
+    if a.warmup > 0 {
+        let run = publisher
+            .publish(PublishJob {
+                label: "throughput warm-up",
+                first_id: 0,
+                count: a.warmup,
+                delay: immediate.clone(),
+                body_bytes: a.body_bytes,
+                concurrency: a.concurrency,
+                rate: None,
+            })
+            .await?;
+        receiver
+            .wait_for(run.ok_count(), Duration::from_secs(60), "warm-up")
+            .await;
+    }
+    let warm_delivered = receiver.delivered();
+    let cpu = CpuMeter::start(&kstash)?;
+    progress(format!(
+        "throughput: {} publishes with {} clients",
+        a.count, a.concurrency
+    ));
+    let run = publisher
+        .publish(PublishJob {
+            label: "throughput",
+            first_id: a.warmup,
+            count: a.count,
+            delay: immediate,
+            body_bytes: a.body_bytes,
+            concurrency: a.concurrency,
+            rate: None,
+        })
+        .await?;
+    let waited = receiver
+        .wait_for(warm_delivered + run.ok_count(), a.grace, "throughput")
+        .await;
+    let kstash_cpu = kstash.cpu_seconds()? - cpu.kstash;
+    let cpu = cpu.report(&kstash)?;
+    let memory = kstash.memory()?;
+    let arrivals = receiver.arrivals();
+
+    let ok = run.ok_count();
+    let publish = Summary::of(run.latencies());
+    let mut e2e = Vec::new();
+    let mut last_arrival = f64::MIN;
+    for s in run.results.iter().filter(|s| s.ok) {
+        if let Some(at) = arrivals[s.id] {
+            e2e.push(at - s.sent_ms);
+            last_arrival = last_arrival.max(at);
+        }
+    }
+    let delivered = e2e.len();
+    let e2e = Summary::of(e2e);
+    let first_sent = run
+        .results
+        .iter()
+        .map(|s| s.sent_ms)
+        .fold(f64::MAX, f64::min);
+    let all_delivered_s = (last_arrival - first_sent) / 1e3;
+
+    let mut out = String::new();
+    out += &format!("{}\n\n", environment(&a.common, &kstash));
+    out += &format!(
+        "throughput: {}-byte bodies, {} warm-up messages first (not counted); publish errors {}, \
+         duplicates {}, waited {:.1} s after the last publish; kstash RSS at the end {} MiB\n\n",
+        a.body_bytes,
+        a.warmup,
+        run.errors,
+        receiver.duplicates(),
+        waited.as_secs_f64(),
+        mib(memory.rss_kib)
+    );
+    out += "| messages | clients | publishes/s | publish p50 (ms) | publish p99 (ms) | publish max (ms) | delivered | publish→delivery p50 (ms) | p99 (ms) | max (ms) | deliveries/s (first send → last arrival) | kstash CPU (s) |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += &format!(
+        "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {:.1} |\n",
+        a.count,
+        a.concurrency,
+        ok as f64 / run.wall.as_secs_f64(),
+        ms(publish.p50),
+        ms(publish.p99),
+        ms(publish.max),
+        delivered,
+        ms(e2e.p50),
+        ms(e2e.p99),
+        ms(e2e.max),
+        delivered as f64 / all_delivered_s,
+        kstash_cpu
+    );
+    out += &format!("{cpu}\n");
+    out += &kstash.log_summary();
+    kstash.stop().await?;
+    println!("{out}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kstash child process
+// ---------------------------------------------------------------------------------------------
+
+struct Kstash {
+    child: Child,
+    pid: u32,
+    port: u16,
+    token: &'static str,
+    mode: Mode,
+    dir: PathBuf,
+    log: PathBuf,
+    state_dir: PathBuf,
+    keep: bool,
+}
+
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+    /// RssAnon (heap, stacks) and RssFile (mapped files, the binary).
+    anon_kib: u64,
+    file_kib: u64,
+}
+
+impl Kstash {
+    async fn spawn(c: &Common) -> Result<Kstash> {
+        if !c.bin.is_file() {
+            bail!(
+                "{} not found: build it first with `cargo build --release` (or pass --bin)",
+                c.bin.display()
+            );
+        }
+        if c.mode == Mode::Serve {
+            for broker in c.brokers.split(',') {
+                let host = broker.trim().rsplit_once(':').map_or(broker, |(h, _)| h);
+                if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+                    bail!("--brokers must be on loopback (got {broker})");
+                }
+            }
+        }
+        let unique = format!("{}-{}", std::process::id(), unix_ms());
+        let dir = std::env::temp_dir().join(format!("kstash-bench-{unique}"));
+        let state_dir = dir.join("state");
+        std::fs::create_dir_all(&state_dir)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut toml = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\
+             [state]\ndir = \"{}\"\n",
+            state_dir.display()
+        );
+        let mut command = Command::new(&c.bin);
+        let token = match c.mode {
+            Mode::Dev => {
+                if let Some(p) = c.partitions {
+                    toml += &format!("[dev]\npartitions = {p}\n");
+                }
+                command.args(["dev", "--port", &port.to_string()]);
+                DEV_TOKEN
+            }
+            Mode::Serve => {
+                toml += &format!(
+                    "[auth]\ntokens = [\"{SERVE_TOKEN}\"]\n\
+                     [signing]\ncurrent_key = \"{SERVE_CURRENT_KEY}\"\nnext_key = \"{SERVE_NEXT_KEY}\"\n\
+                     [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"bench-{unique}.\"\n\
+                     group_id = \"bench-{unique}\"\ndelay_group_id = \"bench-{unique}-delay\"\n\
+                     replication_factor = 1\nsession_timeout = \"6s\"\n\
+                     [delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n",
+                    c.brokers
+                );
+                if let Some(p) = c.partitions {
+                    for topic in ["ready", "events", "delay", "dlq", "cancellations", "dedup"] {
+                        toml += &format!("[topics.{topic}]\npartitions = {p}\n");
+                    }
+                }
+                command.arg("serve");
+                SERVE_TOKEN
+            }
+        };
+        let config = dir.join("kstash.toml");
+        std::fs::write(&config, &toml)?;
+        let log = dir.join("kstash.log");
+        command.arg("--config").arg(&config);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KSTASH_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
+            .env("RUST_LOG", &c.rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", c.bin.display()))?;
+        let pid = child.id().context("kstash exited at once")?;
+        let mut kstash = Kstash {
+            child,
+            pid,
+            port,
+            token,
+            mode: c.mode,
+            dir,
+            log,
+            state_dir,
+            keep: c.keep,
+        };
+        progress(format!(
+            "started kstash {:?} (pid {pid}) on 127.0.0.1:{port}; log {}",
+            c.mode,
+            kstash.log.display()
+        ));
+        kstash.wait_healthy().await?;
+        Ok(kstash)
+    }
+
+    async fn wait_healthy(&mut self) -> Result<()> {
+        let url = format!("{}/health", self.base());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("kstash exited with {status}:\n{}", self.log_tail(30));
+            }
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status().is_success() {
+                    progress(format!(
+                        "kstash healthy after {:.1} s",
+                        start.elapsed().as_secs_f64()
+                    ));
+                    return Ok(());
+                }
+            }
+            if start.elapsed() > Duration::from_secs(120) {
+                bail!("kstash not healthy after 120 s:\n{}", self.log_tail(30));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn memory(&self) -> Result<Memory> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .context("kstash is gone")?;
+        let field = |name: &str| -> Result<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/{}/status", self.pid))
+        };
+        Ok(Memory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+            anon_kib: field("RssAnon:")?,
+            file_kib: field("RssFile:")?,
+        })
+    }
+
+    /// User + system CPU seconds of the process so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        process_cpu_seconds(&self.pid.to_string())
+    }
+
+    /// Bytes of the local state store file (redb) on disk.
+    fn state_bytes(&self) -> u64 {
+        std::fs::metadata(self.state_dir.join("state.redb")).map_or(0, |m| m.len())
+    }
+
+    fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Counts of WARN and ERROR lines in the kstash log, with the first few of them.
+    fn log_summary(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .collect();
+        let errors = bad.iter().filter(|l| l.contains(" ERROR ")).count();
+        let mut s = format!(
+            "kstash log: {} WARN and {errors} ERROR lines\n",
+            bad.len() - errors
+        );
+        for l in bad.iter().take(5) {
+            s += &format!("    {l}\n");
+        }
+        s
+    }
+
+    /// SIGTERM, then up to 30 s for a clean exit, then SIGKILL.
+    async fn stop(mut self) -> Result<()> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid.to_string()])
+            .status();
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(status) => progress(format!("kstash exited: {}", status?)),
+            Err(_) => {
+                progress("kstash still running 30 s after SIGTERM; killing it".into());
+                self.child.kill().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Kstash {
+    fn drop(&mut self) {
+        // SIGKILL if still running, and reap it (briefly) so no zombie outlives this tool.
+        let _ = self.child.start_kill();
+        for _ in 0..200 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if self.keep {
+            progress(format!("kept {}", self.dir.display()));
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The receiver: records the first arrival time of each message id
+// ---------------------------------------------------------------------------------------------
+
+struct Receiver {
+    addr: SocketAddr,
+    state: Arc<ReceiverState>,
+}
+
+struct ReceiverState {
+    clock: Instant,
+    arrivals: Mutex<Vec<Option<f64>>>,
+    delivered: AtomicUsize,
+    duplicates: AtomicUsize,
+    foreign: AtomicUsize,
+}
+
+async fn receive(State(s): State<Arc<ReceiverState>>, body: Bytes) -> StatusCode {
+    let at = since(s.clock, Instant::now());
+    let id = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|b| b.split(' ').next())
+        .and_then(|i| i.parse::<usize>().ok());
+    let mut arrivals = s.arrivals.lock().unwrap();
+    match id.and_then(|i| arrivals.get_mut(i)) {
+        Some(slot @ None) => {
+            *slot = Some(at);
+            s.delivered.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(Some(_)) => {
+            s.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        None => {
+            s.foreign.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    StatusCode::OK
+}
+
+impl Receiver {
+    async fn start(clock: Instant, capacity: usize) -> Result<Receiver> {
+        let state = Arc::new(ReceiverState {
+            clock,
+            arrivals: Mutex::new(vec![None; capacity]),
+            delivered: AtomicUsize::new(0),
+            duplicates: AtomicUsize::new(0),
+            foreign: AtomicUsize::new(0),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let app = Router::new().fallback(receive).with_state(state.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                progress(format!("receiver stopped: {e}"));
+            }
+        });
+        Ok(Receiver { addr, state })
+    }
+
+    fn delivered(&self) -> usize {
+        self.state.delivered.load(Ordering::Relaxed)
+    }
+
+    fn duplicates(&self) -> usize {
+        self.state.duplicates.load(Ordering::Relaxed)
+    }
+
+    fn arrivals(&self) -> Vec<Option<f64>> {
+        self.state.arrivals.lock().unwrap().clone()
+    }
+
+    /// Waits until `expected` distinct messages arrived, at most `limit`. Returns the time waited.
+    async fn wait_for(&self, expected: usize, limit: Duration, label: &str) -> Duration {
+        let start = Instant::now();
+        let mut next_note = start + PROGRESS_EVERY;
+        while self.delivered() < expected {
+            if start.elapsed() > limit {
+                progress(format!(
+                    "{label}: gave up waiting after {:.0} s: {}/{expected} delivered",
+                    limit.as_secs_f64(),
+                    self.delivered()
+                ));
+                break;
+            }
+            if Instant::now() >= next_note {
+                progress(format!(
+                    "{label}: delivered {}/{expected}",
+                    self.delivered()
+                ));
+                next_note += PROGRESS_EVERY;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.state.foreign.load(Ordering::Relaxed) > 0 {
+            progress(format!(
+                "{label}: {} deliveries with an unknown id",
+                self.state.foreign.load(Ordering::Relaxed)
+            ));
+        }
+        start.elapsed()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The publisher
+// ---------------------------------------------------------------------------------------------
+
+type DelayFn = dyn Fn(usize) -> Option<Duration> + Send + Sync;
+
+struct Publisher {
+    http: reqwest::Client,
+    publish_url: String,
+    token: &'static str,
+    clock: Instant,
+}
+
+struct PublishJob {
+    label: &'static str,
+    /// Ids `first_id..first_id + count` (the receiver's slots).
+    first_id: usize,
+    count: usize,
+    /// Delay of message `i` (0-based within the job).
+    delay: Arc<DelayFn>,
+    body_bytes: usize,
+    concurrency: usize,
+    /// Messages per second; `None` = as fast as the clients go.
+    rate: Option<f64>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sent {
+    id: usize,
+    /// When the request was sent and its response received (ms since the clock's start).
+    sent_ms: f64,
+    done_ms: f64,
+    ok: bool,
+}
+
+struct PublishRun {
+    /// One per message of the job, in job order.
+    results: Vec<Sent>,
+    /// First send to last response.
+    wall: Duration,
+    errors: usize,
+}
+
+impl PublishRun {
+    fn ok_count(&self) -> usize {
+        self.results.iter().filter(|s| s.ok).count()
+    }
+
+    fn latencies(&self) -> Vec<f64> {
+        self.results
+            .iter()
+            .filter(|s| s.ok)
+            .map(|s| s.done_ms - s.sent_ms)
+            .collect()
+    }
+}
+
+impl Publisher {
+    fn new(kstash: &Kstash, receiver: &Receiver, concurrency: usize) -> Result<Arc<Publisher>> {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency + 4)
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Arc::new(Publisher {
+            http,
+            publish_url: format!("{}/v2/publish/http://{}/hook", kstash.base(), receiver.addr),
+            token: kstash.token,
+            clock: receiver.state.clock,
+        }))
+    }
+
+    async fn publish(self: &Arc<Self>, job: PublishJob) -> Result<PublishRun> {
+        let job = Arc::new(job);
+        let next = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let first_error: Arc<Mutex<Option<String>>> = Arc::default();
+        let finished = Arc::new(AtomicBool::new(false));
+        let start = Instant::now();
+        let padding = "x".repeat(job.body_bytes);
+
+        let reporter = {
+            let (done, errors, finished, job) =
+                (done.clone(), errors.clone(), finished.clone(), job.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PROGRESS_EVERY).await;
+                    if finished.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let n = done.load(Ordering::Relaxed);
+                    progress(format!(
+                        "{}: published {n}/{} ({:.0}/s), errors {}",
+                        job.label,
+                        job.count,
+                        n as f64 / start.elapsed().as_secs_f64(),
+                        errors.load(Ordering::Relaxed)
+                    ));
+                }
+            })
+        };
+
+        let mut workers = Vec::new();
+        for _ in 0..job.concurrency.max(1) {
+            let (me, job, next, done, errors, first_error, padding) = (
+                self.clone(),
+                job.clone(),
+                next.clone(),
+                done.clone(),
+                errors.clone(),
+                first_error.clone(),
+                padding.clone(),
+            );
+            workers.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= job.count {
+                        break;
+                    }
+                    if let Some(rate) = job.rate {
+                        let at = start + Duration::from_secs_f64(i as f64 / rate);
+                        tokio::time::sleep_until(at.into()).await;
+                    }
+                    let id = job.first_id + i;
+                    let mut body = id.to_string();
+                    body.push(' ');
+                    body.push_str(&padding[..job.body_bytes.saturating_sub(body.len())]);
+                    let mut request = me
+                        .http
+                        .post(&me.publish_url)
+                        .bearer_auth(me.token)
+                        .header("Content-Type", "text/plain")
+                        .body(body);
+                    if let Some(d) = (job.delay)(i) {
+                        request = request.header("Upstash-Delay", format!("{}ms", d.as_millis()));
+                    }
+                    let sent_ms = since(me.clock, Instant::now());
+                    let result = request.send().await;
+                    let done_ms = since(me.clock, Instant::now());
+                    let ok = match result {
+                        Ok(r) if r.status().is_success() => true,
+                        Ok(r) => {
+                            let status = r.status();
+                            let text = r.text().await.unwrap_or_default();
+                            note_error(&first_error, format!("HTTP {status}: {text}"))
+                        }
+                        Err(e) => note_error(&first_error, format!("{e:#}")),
+                    };
+                    if !ok {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                    mine.push((
+                        i,
+                        Sent {
+                            id,
+                            sent_ms,
+                            done_ms,
+                            ok,
+                        },
+                    ));
+                }
+                mine
+            }));
+        }
+        let mut results = vec![Sent::default(); job.count];
+        for w in workers {
+            for (i, s) in w.await? {
+                results[i] = s;
+            }
+        }
+        let wall = start.elapsed();
+        finished.store(true, Ordering::Relaxed);
+        reporter.abort();
+        let errors = errors.load(Ordering::Relaxed);
+        progress(format!(
+            "{}: published {}/{} in {:.1} s ({:.0}/s), errors {errors}",
+            job.label,
+            job.count - errors,
+            job.count,
+            wall.as_secs_f64(),
+            (job.count - errors) as f64 / wall.as_secs_f64()
+        ));
+        if let Some(e) = first_error.lock().unwrap().take() {
+            progress(format!("{}: first publish error: {e}", job.label));
+        }
+        Ok(PublishRun {
+            results,
+            wall,
+            errors,
+        })
+    }
+}
+
+/// Remembers the first error; always false (the publish failed).
+fn note_error(first: &Mutex<Option<String>>, e: String) -> bool {
+    first.lock().unwrap().get_or_insert(e);
+    false
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------------------------
+
+struct Summary {
+    min: f64,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Summary {
+    /// Nearest-rank percentiles; NaN for an empty sample.
+    fn of(mut v: Vec<f64>) -> Summary {
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| -> f64 {
+            if v.is_empty() {
+                return f64::NAN;
+            }
+            let rank = (p / 100.0 * v.len() as f64).ceil() as usize;
+            v[rank.clamp(1, v.len()) - 1]
+        };
+        Summary {
+            min: pct(0.0),
+            p50: pct(50.0),
+            p90: pct(90.0),
+            p99: pct(99.0),
+            max: pct(100.0),
+        }
+    }
+}
+
+/// (busy, steal, total) jiffies of the whole machine, from the first line of /proc/stat. Busy
+/// includes steal (time the hypervisor gave to other guests).
+fn machine_jiffies() -> Result<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("empty /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    let field = |i: usize| v.get(i).copied().unwrap_or(0);
+    let total: u64 = (0..8).map(field).sum();
+    Ok((total - field(3) - field(4), field(7), total))
+}
+
+/// User + system CPU seconds of the process `pid` ("self" for this one), assuming 100 clock
+/// ticks per second (the Linux default).
+fn process_cpu_seconds(pid: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
+/// CPU seconds of all processes named `java` (the Kafka broker in --mode serve).
+fn java_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|pid| pid.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "java")
+        })
+        .filter_map(|pid| process_cpu_seconds(&pid).ok())
+        .sum()
+}
+
+/// CPU use over a measured phase: kstash, this tool, Java (the broker), everything else.
+struct CpuMeter {
+    kstash: f64,
+    me: f64,
+    java: f64,
+    machine: (u64, u64, u64),
+    start: Instant,
+}
+
+impl CpuMeter {
+    fn start(kstash: &Kstash) -> Result<CpuMeter> {
+        Ok(CpuMeter {
+            kstash: kstash.cpu_seconds()?,
+            me: process_cpu_seconds("self")?,
+            java: java_cpu_seconds(),
+            machine: machine_jiffies()?,
+            start: Instant::now(),
+        })
+    }
+
+    /// CPU seconds per party, and how busy the whole machine was.
+    fn report(&self, kstash: &Kstash) -> Result<String> {
+        let (busy, steal, total) = machine_jiffies()?;
+        let busy_s = (busy - self.machine.0) as f64 / 100.0;
+        let steal_s = (steal - self.machine.1) as f64 / 100.0;
+        let busy_pct =
+            100.0 * (busy - self.machine.0) as f64 / (total - self.machine.2).max(1) as f64;
+        let kstash_s = kstash.cpu_seconds()? - self.kstash;
+        let me = process_cpu_seconds("self")? - self.me;
+        let java = java_cpu_seconds() - self.java;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(format!(
+            "CPU over {:.1} s ({cores} cores = {:.1} core-s): kstash {kstash_s:.1} s, bench tool \
+             {me:.1} s, java (broker) {java:.1} s, hypervisor steal {steal_s:.1} s, everything else \
+             {:.1} s; machine {busy_pct:.0}% busy",
+            self.start.elapsed().as_secs_f64(),
+            self.start.elapsed().as_secs_f64() * cores as f64,
+            (busy_s - kstash_s - me - java - steal_s).max(0.0),
+        ))
+    }
+}
+
+fn since(clock: Instant, t: Instant) -> f64 {
+    t.duration_since(clock).as_secs_f64() * 1e3
+}
+
+fn ms(v: f64) -> String {
+    if v.is_nan() {
+        "–".into()
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn bytes_mib(b: u64) -> String {
+    format!("{:.1}", b as f64 / (1024.0 * 1024.0))
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+}
+
+/// `300ms`, `1500ms`, `3s`, `1h`.
+fn fmt_delay(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
+fn list_durations(ds: &[Duration]) -> String {
+    ds.iter()
+        .map(|d| fmt_delay(*d))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn progress(line: String) {
+    eprintln!(
+        "[bench {}] {line}",
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+}
+
+/// One line describing where the numbers come from.
+fn environment(c: &Common, kstash: &Kstash) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let broker = match kstash.mode {
+        Mode::Dev => "embedded librdkafka mock cluster (inside the kstash process)".to_string(),
+        Mode::Serve => format!("Kafka broker at {}", c.brokers),
+    };
+    let profile = if c.bin.components().any(|p| p.as_os_str() == "release") {
+        "release"
+    } else {
+        "see --bin"
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    format!(
+        "Environment: {} UTC, load average {} at the end, {cores} cores (benchmark, kstash{} share them), `kstash {}` ({}, {profile} build), broker: {broker}, RUST_LOG={}, partitions: {}",
+        humantime::format_rfc3339_seconds(SystemTime::now()),
+        load.join(" "),
+        if kstash.mode == Mode::Serve { " and the broker" } else { "" },
+        match kstash.mode {
+            Mode::Dev => "dev",
+            Mode::Serve => "serve",
+        },
+        c.bin.display(),
+        c.rust_log,
+        c.partitions
+            .map_or("kstash defaults".to_string(), |p| p.to_string())
+    )
+}
