@@ -12,57 +12,30 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Router;
-use common::{Api, Receiver, Script, TestKafka, TOKEN, WAIT};
+use common::{eventually, Api, Receiver, Script, TestKafka, WAIT};
 use kstash::model::now_ms;
 use kstash::server::Running;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-/// How often [`eventually`] asks again.
-const POLL: Duration = Duration::from_millis(50);
-
-/// Polls `attempt` every [`POLL`] until it gives a value; panics naming `what` after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Authenticated JSON calls to kstash's API.
+/// Authenticated JSON calls to kstash's API, with the DLQ shortcuts of this file.
 struct Http {
-    base: String,
-    client: reqwest::Client,
+    api: Api,
 }
 
 impl Http {
     fn new(addr: SocketAddr) -> Self {
         Http {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
+            api: Api::new(addr),
         }
     }
 
-    /// Sends a call and returns its status and JSON body; a body that is not JSON fails the test
-    /// (the SDKs parse every answer).
     async fn send(
         &self,
         method: Method,
@@ -71,27 +44,7 @@ impl Http {
         headers: &[(&str, &str)],
         body: Option<&Value>,
     ) -> (u16, Value) {
-        let mut request = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .query(query);
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        if let Some(body) = body {
-            request = request.json(body); // also sets Content-Type: application/json
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        let json = serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("{method} {path} {query:?} answered {status} with non-JSON {text:?}: {e}")
-        });
-        (status, json)
+        self.api.send(method, path, query, headers, body).await
     }
 
     async fn get(&self, path: &str, query: &[(&str, &str)]) -> (u16, Value) {

@@ -14,79 +14,40 @@
 mod common;
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::{Api, Receiver, TestKafka, TOKEN, WAIT};
+use common::{eventually, Api, Receiver, TestKafka, WAIT};
 use kstash::model::now_ms;
 use kstash::server::Running;
 use serde_json::{json, Value};
 
-/// How often [`eventually`] asks again.
-const POLL: Duration = Duration::from_millis(50);
 /// Enough to hold every entry of one test in one page.
 const ALL: &str = "1000";
 
-/// Polls `attempt` every [`POLL`] until it gives a value; panics naming `what` after [`WAIT`].
-async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = attempt().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// Authenticated JSON calls to kstash's API.
+/// Authenticated JSON calls to kstash's API, with the log shortcuts of this file.
 struct Http {
-    base: String,
-    client: reqwest::Client,
+    api: Api,
 }
 
 impl Http {
     fn new(addr: SocketAddr) -> Self {
         Http {
-            base: format!("http://{addr}"),
-            client: reqwest::Client::new(),
+            api: Api::new(addr),
         }
     }
 
-    /// Status and JSON body of a call; a body that is not JSON fails the test.
     async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         query: &[(&str, &str)],
     ) -> (u16, Value) {
-        let response = self
-            .client
-            .request(method.clone(), format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .query(query)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        let json = serde_json::from_str(&text).unwrap_or_else(|e| {
-            panic!("{method} {path} {query:?} answered {status} with non-JSON {text:?}: {e}")
-        });
-        (status, json)
+        self.api.send(method, path, query, &[], None).await
     }
 
     async fn get(&self, path: &str, query: &[(&str, &str)]) -> (u16, Value) {

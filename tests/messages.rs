@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Api, Receiver, TestKafka};
 use kstash::model::event::State;
 use serde_json::{json, Value};
@@ -69,24 +67,11 @@ async fn a_pending_message_can_be_read_until_it_is_delivered() {
 
     receiver.next().await;
     // Once delivered, the message is no longer pending (the view follows the DELIVERED event).
-    let deadline = tokio::time::Instant::now() + common::WAIT;
-    loop {
-        let (status, _) = call(
-            reqwest::Method::GET,
-            &api,
-            &format!("/v2/messages/{id}"),
-            None,
-        )
-        .await;
-        if status == 404 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still pending after delivery"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await; // polling interval
-    }
+    common::eventually("the delivered message to stop being pending", || async {
+        let path = format!("/v2/messages/{id}");
+        (call(reqwest::Method::GET, &api, &path, None).await.0 == 404).then_some(())
+    })
+    .await;
     let (status, json) = call(reqwest::Method::GET, &api, "/v2/messages/msg_unknown", None).await;
     assert_eq!((status, json["error"].is_string()), (404, true));
     let (status, _) = call(reqwest::Method::DELETE, &api, "/v2/messages/", None).await;

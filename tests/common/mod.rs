@@ -431,27 +431,47 @@ impl Api {
         (status, json)
     }
 
-    /// Any authenticated call; returns status and JSON body (`Null` when not JSON).
+    /// An authenticated call with a JSON body; returns status and JSON answer.
     pub async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<serde_json::Value>,
     ) -> (u16, serde_json::Value) {
-        let mut req = self
+        self.send(method, path, &[], &[], body.as_ref()).await
+    }
+
+    /// Any authenticated call; returns status and JSON answer. An answer that is not JSON fails
+    /// the test (the SDKs parse every answer).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(TOKEN);
-        if let Some(b) = body {
-            req = req.json(&b);
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .query(query);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
-        let resp = req.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        )
+        if let Some(body) = body {
+            request = request.json(body); // also sets Content-Type: application/json
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let json = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{method} {path} {query:?} answered {status} with non-JSON {text:?}: {e}")
+        });
+        (status, json)
     }
 
     /// Publishes and insists on success; returns the message id.
@@ -492,4 +512,27 @@ pub fn verify_signature(token: &str, key: &str, body: &[u8]) -> kstash::signing:
         "body claim is the hash of the body"
     );
     claims
+}
+
+/// How often [`eventually`] asks again.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Polls `attempt` every [`POLL`] until it gives a value; panics naming `what` after [`WAIT`].
+/// For views that follow Kafka within milliseconds (messages, logs, DLQ).
+pub async fn eventually<T, F, Fut>(what: &str, mut attempt: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(value) = attempt().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
 }
