@@ -46,9 +46,13 @@ pub struct Config {
     pub auth: AuthConfig,
     pub signing: SigningConfig,
     pub kafka: KafkaConfig,
-    pub topics: TopicsConfig,
+    /// Per topic (`[topics.<name>]`): partitions and topic configs; the names are the catalog's
+    /// (`topics::config_keys`).
+    pub topics: BTreeMap<String, TopicConfig>,
     pub delivery: DeliveryConfig,
     pub delay: DelayConfig,
+    pub queues: QueuesConfig,
+    pub flow_control: FlowControlConfig,
     pub state: StateConfig,
     pub dev: DevConfig,
 }
@@ -92,19 +96,9 @@ pub struct KafkaConfig {
     pub linger: Duration,
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    pub commit_metadata_max_bytes: usize,
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TopicsConfig {
-    pub ready: TopicConfig,
-    pub delay: TopicConfig,
-    pub dlq: TopicConfig,
-    pub cancellations: TopicConfig,
-    pub dedup: TopicConfig,
-    pub events: TopicConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,6 +113,8 @@ pub struct TopicConfig {
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     pub max_in_flight: usize,
+    pub lane_buffer: usize,
+    pub max_buffered: usize,
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     #[serde(with = "humantime_serde")]
@@ -139,6 +135,21 @@ pub struct DelayConfig {
     #[serde(with = "humantime_serde")]
     pub max_delay: Duration,
     pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesConfig {
+    pub max_parallelism: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowControlConfig {
+    pub max_parallelism: u32,
+    pub max_rate: u32,
+    #[serde(with = "humantime_serde")]
+    pub max_period: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,7 +213,9 @@ impl Config {
             .expect("embedded default configuration is valid")
     }
 
-    /// Checks what serde cannot: required secrets, sane numbers.
+    /// Checks what serde cannot: required secrets, sane numbers, a valid delay ladder, a
+    /// configuration for every topic. Every problem is refused here, at start-up, with the key to
+    /// fix, rather than surfacing later as a panic, a hang or a silent misbehaviour.
     pub fn validate(&self, mode: Mode) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.auth.tokens.iter().all(|t| t.is_empty()) {
@@ -226,29 +239,124 @@ impl Config {
                 ));
             }
         }
-        if self.delivery.max_in_flight == 0 {
-            return invalid("delivery.max_in_flight must be at least 1".into());
-        }
-        for (name, topic) in [
-            ("ready", &self.topics.ready),
-            ("events", &self.topics.events),
-        ] {
-            if topic.partitions < 1 {
-                return invalid(format!("topics.{name}.partitions must be at least 1"));
+        crate::delay::ladder::Ladder::new(&self.delay.buckets).map_err(ConfigError::Invalid)?;
+        self.validate_topics()?;
+        let positive_counts = [
+            ("server.body_limit", self.server.body_limit),
+            (
+                "kafka.commit_metadata_max_bytes",
+                self.kafka.commit_metadata_max_bytes,
+            ),
+            ("delivery.max_in_flight", self.delivery.max_in_flight),
+            ("delivery.lane_buffer", self.delivery.lane_buffer),
+            ("delivery.max_buffered", self.delivery.max_buffered),
+            ("delay.max_in_flight", self.delay.max_in_flight),
+            ("state.cache_bytes", self.state.cache_bytes),
+            (
+                "queues.max_parallelism",
+                self.queues.max_parallelism as usize,
+            ),
+            (
+                "flow_control.max_parallelism",
+                self.flow_control.max_parallelism as usize,
+            ),
+            ("flow_control.max_rate", self.flow_control.max_rate as usize),
+        ];
+        for (name, value) in positive_counts {
+            if value == 0 {
+                return invalid(format!("{name} must be at least 1"));
             }
         }
-        if self.state.prune_interval.is_zero() {
-            return invalid("state.prune_interval must be positive".into());
+        let positive_durations = [
+            ("kafka.session_timeout", self.kafka.session_timeout),
+            ("kafka.produce_timeout", self.kafka.produce_timeout),
+            ("delivery.commit_interval", self.delivery.commit_interval),
+            ("delivery.timeout", self.delivery.timeout),
+            ("delivery.max_timeout", self.delivery.max_timeout),
+            ("delay.max_delay", self.delay.max_delay),
+            ("flow_control.max_period", self.flow_control.max_period),
+            ("state.events_retention", self.state.events_retention),
+            ("state.prune_interval", self.state.prune_interval),
+            ("state.dedup_window", self.state.dedup_window),
+            ("dev.watchdog_interval", self.dev.watchdog_interval),
+        ];
+        for (name, value) in positive_durations {
+            if value.is_zero() {
+                return invalid(format!("{name} must be longer than zero"));
+            }
+        }
+        if self.delivery.timeout > self.delivery.max_timeout {
+            return invalid(format!(
+                "delivery.timeout ({}) must not exceed delivery.max_timeout ({})",
+                humantime::format_duration(self.delivery.timeout),
+                humantime::format_duration(self.delivery.max_timeout)
+            ));
+        }
+        if self.delivery.max_buffered < self.delivery.lane_buffer {
+            return invalid(format!(
+                "delivery.max_buffered ({}) must be at least delivery.lane_buffer ({})",
+                self.delivery.max_buffered, self.delivery.lane_buffer
+            ));
+        }
+        if self.kafka.commit_metadata_max_bytes > MAX_COMMIT_METADATA_BYTES {
+            return invalid(format!(
+                "kafka.commit_metadata_max_bytes must be at most {MAX_COMMIT_METADATA_BYTES} (Kafka's default offset.metadata.max.bytes is 4096)"
+            ));
+        }
+        if self.delivery.default_retries > self.delivery.max_retries {
+            return invalid("delivery.default_retries must not exceed delivery.max_retries".into());
         }
         if self.dev.partitions < 1 {
             return invalid("dev.partitions must be at least 1".into());
         }
-        if self.server.body_limit == 0 {
-            return invalid("server.body_limit must be at least 1".into());
+        Ok(())
+    }
+
+    /// Every topic of the catalog has a configuration with at least one partition, and no
+    /// configuration names a topic kstash does not have (a typo would otherwise be ignored).
+    fn validate_topics(&self) -> Result<(), ConfigError> {
+        let known = crate::topics::config_keys();
+        for key in self.topics.keys() {
+            if !known.contains(&key.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "topics.{key} is not a kstash topic (known: {})",
+                    known.join(", ")
+                )));
+            }
+        }
+        for key in known {
+            match self.topics.get(key) {
+                None => return Err(ConfigError::Invalid(format!("topics.{key} is missing"))),
+                Some(t) if t.partitions < 1 => {
+                    return Err(ConfigError::Invalid(format!(
+                        "topics.{key}.partitions must be at least 1"
+                    )))
+                }
+                Some(_) => {}
+            }
         }
         Ok(())
     }
+
+    /// The configuration of topic `key` (one of `topics::config_keys`, guaranteed by
+    /// [`Config::validate`]).
+    pub fn topic(&self, key: &str) -> &TopicConfig {
+        self.topics
+            .get(key)
+            .unwrap_or_else(|| panic!("validated configuration has topics.{key}"))
+    }
+
+    /// Gives every topic `partitions` partitions (the embedded cluster, tests).
+    pub fn set_partitions(&mut self, partitions: i32) {
+        for topic in self.topics.values_mut() {
+            topic.partitions = partitions;
+        }
+    }
 }
+
+/// Upper bound of `kafka.commit_metadata_max_bytes`: Kafka refuses commits whose metadata exceeds
+/// the broker's `offset.metadata.max.bytes` (default 4096).
+pub const MAX_COMMIT_METADATA_BYTES: usize = 4096;
 
 /// Signing keys shorter than this are refused in serve mode (PyJWT warns below 32 bytes).
 pub const MIN_SIGNING_KEY_LEN: usize = 32;
@@ -269,29 +377,46 @@ fn dev_overrides() -> String {
     )
 }
 
-/// Configuration sections; only `KSTASH_<SECTION>_*` variables are configuration, so other
-/// `KSTASH_*` variables (`KSTASH_CONFIG`, the tests' `KSTASH_TEST_BROKERS`) are left alone while a
-/// mistyped key inside a section is still refused.
-const SECTIONS: [&str; 7] = [
-    "server", "auth", "signing", "kafka", "topics", "delivery", "dev",
-];
-
-/// `KSTASH_SECTION_KEY` → `section.key`.
-fn env_provider() -> Env {
-    Env::prefixed(ENV_PREFIX)
-        .filter(|key| {
-            let section = key.as_str().split('_').next().unwrap_or_default();
-            SECTIONS.iter().any(|s| s.eq_ignore_ascii_case(section))
-        })
-        .map(|key| env_key_to_path(key.as_str()).into())
+/// The configuration sections: the top-level tables of the embedded defaults, so a new section is
+/// reachable from the environment as soon as it is documented there. Only `KSTASH_<SECTION>_*`
+/// variables are configuration, so other `KSTASH_*` variables (`KSTASH_CONFIG`, the tests'
+/// `KSTASH_TEST_BROKERS`) are left alone while a mistyped key inside a section is still refused.
+fn sections() -> Vec<String> {
+    DEFAULTS_TOML
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix('['))
+        .filter(|rest| !rest.starts_with('['))
+        .filter_map(|rest| rest.split([']', '.']).next())
+        .map(str::to_string)
+        .collect()
 }
 
-fn env_key_to_path(key: &str) -> String {
+/// `KSTASH_SECTION_KEY` → `section.key` for the known sections; other variables are skipped.
+fn env_provider() -> Env {
+    let filter_sections = sections();
+    let map_sections = filter_sections.clone();
+    Env::prefixed(ENV_PREFIX)
+        .filter(move |key| env_key_to_path(key.as_str(), &filter_sections).is_some())
+        .map(move |key| {
+            env_key_to_path(key.as_str(), &map_sections)
+                .unwrap_or_default()
+                .into()
+        })
+}
+
+/// The config path of an environment key (without the prefix): the section is the longest known
+/// section name followed by `_` (sections may contain `_` themselves, e.g. `flow_control`); the
+/// rest is the key, which may contain `_` too (`SERVER_BODY_LIMIT` → `server.body_limit`).
+fn env_key_to_path(key: &str, sections: &[String]) -> Option<String> {
     let lower = key.to_ascii_lowercase();
-    match lower.split_once('_') {
-        Some((section, rest)) => format!("{section}.{rest}"),
-        None => lower,
-    }
+    sections
+        .iter()
+        .filter_map(|s| {
+            let rest = lower.strip_prefix(s.as_str())?.strip_prefix('_')?;
+            (!rest.is_empty()).then(|| (s.len(), format!("{s}.{rest}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, path)| path)
 }
 
 fn durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
@@ -326,13 +451,120 @@ mod tests {
     use super::*;
 
     #[test]
-    fn env_keys_split_on_the_first_underscore_only() {
-        assert_eq!(env_key_to_path("KAFKA_BROKERS"), "kafka.brokers");
-        assert_eq!(env_key_to_path("SERVER_BODY_LIMIT"), "server.body_limit");
+    fn env_keys_map_to_section_and_key() {
+        let sections = sections();
+        let path = |k: &str| env_key_to_path(k, &sections);
+        assert_eq!(path("KAFKA_BROKERS").as_deref(), Some("kafka.brokers"));
         assert_eq!(
-            env_key_to_path("SIGNING_CURRENT_KEY"),
-            "signing.current_key"
+            path("SERVER_BODY_LIMIT").as_deref(),
+            Some("server.body_limit")
         );
+        assert_eq!(
+            path("SIGNING_CURRENT_KEY").as_deref(),
+            Some("signing.current_key")
+        );
+        assert_eq!(
+            path("FLOW_CONTROL_MAX_RATE").as_deref(),
+            Some("flow_control.max_rate")
+        );
+        assert_eq!(path("TEST_BROKERS"), None, "not a section");
+        assert_eq!(path("CONFIG"), None);
+    }
+
+    #[test]
+    fn every_section_of_the_defaults_is_reachable_from_the_environment() {
+        let sections = sections();
+        for expected in [
+            "server",
+            "auth",
+            "signing",
+            "kafka",
+            "topics",
+            "delivery",
+            "delay",
+            "queues",
+            "flow_control",
+            "state",
+            "dev",
+        ] {
+            assert!(
+                sections.iter().any(|s| s == expected),
+                "{expected}: {sections:?}"
+            );
+        }
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("KSTASH_STATE_DEDUP_WINDOW", "3m");
+            jail.set_env("KSTASH_DELAY_MAX_IN_FLIGHT", "7");
+            jail.set_env("KSTASH_QUEUES_MAX_PARALLELISM", "9");
+            jail.set_env("KSTASH_FLOW_CONTROL_MAX_RATE", "11");
+            jail.set_env("KSTASH_TOPICS_READY", "{partitions=24}");
+            let c = Config::load(Mode::Dev, None).expect("loads");
+            assert_eq!(c.state.dedup_window, Duration::from_secs(180));
+            assert_eq!(c.delay.max_in_flight, 7);
+            assert_eq!(c.queues.max_parallelism, 9);
+            assert_eq!(c.flow_control.max_rate, 11);
+            assert_eq!(c.topic("ready").partitions, 24);
+            assert!(
+                c.topic("ready").config.contains_key("retention.ms"),
+                "a table from the environment merges into the default"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key_to_fix() {
+        for (var, value, needle) in [
+            ("KSTASH_DELAY_BUCKETS", "[\"5s\", \"1s\"]", "ascending"),
+            ("KSTASH_DELAY_BUCKETS", "[]", "must not be empty"),
+            (
+                "KSTASH_TOPICS_READY",
+                "{partitions=0}",
+                "topics.ready.partitions",
+            ),
+            ("KSTASH_TOPICS_READDY", "{partitions=1}", "topics.readdy"),
+            (
+                "KSTASH_DELIVERY_COMMIT_INTERVAL",
+                "0s",
+                "delivery.commit_interval",
+            ),
+            ("KSTASH_STATE_PRUNE_INTERVAL", "0s", "state.prune_interval"),
+            (
+                "KSTASH_DELIVERY_MAX_IN_FLIGHT",
+                "0",
+                "delivery.max_in_flight",
+            ),
+            ("KSTASH_DELAY_MAX_IN_FLIGHT", "0", "delay.max_in_flight"),
+            ("KSTASH_DELIVERY_LANE_BUFFER", "0", "delivery.lane_buffer"),
+            ("KSTASH_DELIVERY_TIMEOUT", "1h", "delivery.max_timeout"),
+            (
+                "KSTASH_DEV_WATCHDOG_INTERVAL",
+                "0s",
+                "dev.watchdog_interval",
+            ),
+            (
+                "KSTASH_KAFKA_SESSION_TIMEOUT",
+                "0s",
+                "kafka.session_timeout",
+            ),
+            (
+                "KSTASH_KAFKA_COMMIT_METADATA_MAX_BYTES",
+                "100000",
+                "commit_metadata_max_bytes",
+            ),
+            (
+                "KSTASH_QUEUES_MAX_PARALLELISM",
+                "0",
+                "queues.max_parallelism",
+            ),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Config::load(Mode::Dev, None).expect_err(var);
+                assert!(err.to_string().contains(needle), "{var}={value}: {err}");
+                Ok(())
+            });
+        }
     }
 
     #[test]

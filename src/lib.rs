@@ -1,8 +1,12 @@
 //! kstash: a self-hosted, Kafka-backed HTTP message queue and scheduler speaking the QStash v2 API.
 //!
-//! Data flows one way: `api` validates and produces to Kafka topics; `delivery` consumes them and
-//! calls destinations; `delay` moves delayed messages down the delay ladder. `kafka` sets up clients, topics and the embedded dev cluster; `model` holds
-//! the records and parsing rules; `server` starts and stops a process. See `DESIGN.md`.
+//! Data flows one way: `api` validates and produces to Kafka topics (through `state::writer`);
+//! `delay` moves delayed messages down the delay ladder; `delivery` consumes the ready topic and
+//! calls destinations, in order per queue and within flow-control limits. `kafka` holds what is
+//! generic about Kafka (clients, the producer, the parallel consumer with its lanes and commit
+//! tracking, the embedded dev cluster) and knows no record types; `model` holds the records and
+//! parsing rules; `state` the views rebuilt from Kafka; `topics` the catalog of topics; `server`
+//! starts and stops a process. See `docs/architecture.md`.
 #![deny(unsafe_code)]
 
 pub mod api;
@@ -14,3 +18,4 @@ pub mod model;
 pub mod server;
 pub mod signing;
 pub mod state;
+pub mod topics;

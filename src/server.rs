@@ -1,11 +1,12 @@
-//! Starting and stopping a kstash process: topics, producer, API, delivery worker, and (on the
-//! embedded cluster) the truncation watchdog, all under one cancellation token.
+//! Starting and stopping a kstash process: topics, producer, views, API, delivery worker, delay
+//! stage, and (on the embedded cluster) the truncation watchdog, all under one cancellation token.
 //!
 //! `start` returns once everything is listening, so a caller (main, or a test) can use the API at
 //! once; `stop` is the graceful path (stop taking work, drain, commit, flush). A crash needs no
 //! code: nothing is committed for unfinished work, so another process redelivers it.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,17 +15,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, auth::Tokens, AppState};
 use crate::config::Config;
-use crate::delay::Delayer;
+use crate::delay::{Delayer, Router};
 use crate::delivery::guard::DestinationPolicy;
 use crate::delivery::http::{HttpDelivery, Timeouts};
+use crate::delivery::outcome::Sink;
 use crate::delivery::Deliverer;
 use crate::kafka::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
-use crate::kafka::{self, topics, Producer, Role, SetupError};
+use crate::kafka::{self, Producer, Role, SetupError};
+use crate::model::flow::FlowLimits;
 use crate::model::headers::Limits;
 use crate::signing::Signer;
-use crate::state::tail::{self, Kind};
-use crate::state::Store;
+use crate::state::tail;
+use crate::state::writer::Writer;
+use crate::state::{Kind, Store, Views};
+use crate::topics::{self, TopicNames};
 
 /// Extra time `stop` allows beyond the shutdown grace for the API and final commits.
 const STOP_MARGIN: Duration = Duration::from_secs(10);
@@ -97,17 +102,18 @@ pub async fn start(
     if let Some(cluster) = &embedded {
         config.kafka.brokers = cluster.bootstrap_servers().to_string();
         // More partitions spread the mock's per-partition size limit over more room.
-        config.topics.ready.partitions = config.dev.partitions;
-        config.topics.events.partitions = config.dev.partitions;
-        config.topics.delay.partitions = config.dev.partitions;
-        config.topics.dlq.partitions = config.dev.partitions;
-        config.topics.cancellations.partitions = config.dev.partitions;
-        config.topics.dedup.partitions = config.dev.partitions;
+        config.set_partitions(config.dev.partitions);
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
-    topics::ensure(&config, embedded.as_deref()).await?;
-    let names = topics::TopicNames::of(&config);
-    let producer = Producer::new(&config.kafka, topics::ladder(&config))?;
+    kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
+    let names = TopicNames::of(&config);
+    let producer = Producer::new(&config.kafka)?;
+    let router = Router::new(
+        producer.clone(),
+        topics::ladder(&config),
+        names.ready.clone(),
+        names.delay.clone(),
+    );
     let signer = Signer::new(&config.signing.current_key, &config.signing.next_key);
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -118,15 +124,14 @@ pub async fn start(
             .map(std::path::Path::new),
         config.state.cache_bytes,
     )?);
+    let views = Arc::new(Views::new(store.clone()));
     let mut caught_up = tail::start(
         &config.kafka,
-        vec![
-            (names.events.clone(), Kind::Events),
-            (names.dlq.clone(), Kind::Dlq),
-            (names.cancellations.clone(), Kind::Cancellations),
-            (names.dedup.clone(), Kind::Dedup),
-        ],
-        store.clone(),
+        names
+            .state_topics()
+            .map(|(kind, name)| (name.to_string(), kind))
+            .collect(),
+        views.clone(),
         shutdown.clone(),
     )?;
     // Serve only once the views reflect what Kafka already holds.
@@ -154,10 +159,21 @@ pub async fn start(
             max_in_flight: config.delivery.max_in_flight,
             commit_interval: config.delivery.commit_interval,
             shutdown_grace: config.server.shutdown_grace,
+            lane_buffer: config.delivery.lane_buffer,
+            max_buffered: config.delivery.max_buffered,
+            commit_metadata_max_bytes: config.kafka.commit_metadata_max_bytes,
         },
     )?;
+    let in_flight = consumer.in_flight_gauge();
+    let sink = Sink {
+        producer: producer.clone(),
+        router: router.clone(),
+        events: names.state(Kind::Events).to_string(),
+        dlq: names.state(Kind::Dlq).to_string(),
+    };
+    let limits = limits(&config);
     tasks.spawn(consumer.run(
-        Deliverer::new(http, producer.clone(), store.clone(), shutdown.clone()),
+        Deliverer::new(http, sink, views.clone(), limits.flow, shutdown.clone()),
         shutdown.clone(),
     ));
 
@@ -171,10 +187,14 @@ pub async fn start(
             commit_interval: config.delivery.commit_interval,
             // Held last stretches are handed back at once on shutdown; the next owner re-reads them.
             shutdown_grace: config.server.shutdown_grace,
+            // The delay stage has no lanes.
+            lane_buffer: config.delivery.lane_buffer,
+            max_buffered: config.delivery.max_buffered,
+            commit_metadata_max_bytes: config.kafka.commit_metadata_max_bytes,
         },
     )?;
     tasks.spawn(delay_consumer.run(
-        Delayer::new(producer.clone(), shutdown.clone()),
+        Delayer::new(router.clone(), shutdown.clone()),
         shutdown.clone(),
     ));
 
@@ -184,19 +204,7 @@ pub async fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| StartError::Bind(config.server.listen, e))?;
-    let app = api::router(AppState {
-        producer: producer.clone(),
-        signer,
-        store,
-        dedup_window: config.state.dedup_window,
-        tokens: Tokens::new(config.auth.tokens.clone()),
-        body_limit: config.server.body_limit,
-        limits: Limits {
-            max_delay: config.delay.max_delay,
-            default_retries: config.delivery.default_retries,
-            max_retries: config.delivery.max_retries,
-        },
-    });
+    let app = api::router(api_state(&config, producer.clone(), views, in_flight));
     let api_shutdown = shutdown.clone();
     tasks.spawn(async move {
         let service = app.into_make_service_with_connect_info::<SocketAddr>();
@@ -212,7 +220,7 @@ pub async fn start(
         tasks.spawn(truncation_watchdog(
             config.kafka.clone(),
             names.ready,
-            config.topics.ready.partitions,
+            config.topic(topics::READY).partitions,
             config.dev.watchdog_interval,
             shutdown.clone(),
         ));
@@ -228,14 +236,54 @@ pub async fn start(
     })
 }
 
+/// The API's state for `config`: its writes go through `producer`, its reads to `views`, and
+/// `in_flight` is the delivery stage's gauge (also used by tests that drive the router alone).
+pub fn api_state(
+    config: &Config,
+    producer: Producer,
+    views: Arc<Views>,
+    in_flight: Arc<AtomicUsize>,
+) -> AppState {
+    let names = TopicNames::of(config);
+    let router = Router::new(
+        producer.clone(),
+        topics::ladder(config),
+        names.ready.clone(),
+        names.delay.clone(),
+    );
+    AppState {
+        writer: Writer::new(producer, router, names, views),
+        signer: Signer::new(&config.signing.current_key, &config.signing.next_key),
+        dedup_window: config.state.dedup_window,
+        tokens: Tokens::new(config.auth.tokens.clone()),
+        body_limit: config.server.body_limit,
+        limits: limits(config),
+        max_queue_parallelism: config.queues.max_parallelism,
+        global_parallelism: (config.delivery.max_in_flight, in_flight),
+    }
+}
+
+/// What a publish is checked against.
+fn limits(config: &Config) -> Limits {
+    Limits {
+        max_delay: config.delay.max_delay,
+        default_retries: config.delivery.default_retries,
+        max_retries: config.delivery.max_retries,
+        flow: FlowLimits {
+            max_parallelism: config.flow_control.max_parallelism,
+            max_rate: config.flow_control.max_rate,
+            max_period: config.flow_control.max_period,
+        },
+    }
+}
+
 /// Default DLQ retention when the topic config does not set `retention.ms` (Kafka's default).
 const DEFAULT_DLQ_RETENTION_MS: i64 = 7 * 24 * 3600 * 1000;
 
 /// The DLQ topic's retention (ms), from `topics.dlq.config."retention.ms"`; -1 means forever.
 fn dlq_retention(config: &Config) -> i64 {
     config
-        .topics
-        .dlq
+        .topic(Kind::Dlq.config_key())
         .config
         .get("retention.ms")
         .and_then(|v| v.parse::<i64>().ok())

@@ -9,35 +9,26 @@ use axum::http::{Request, StatusCode};
 use axum::Router;
 use common::{TestKafka, TOKEN};
 use http_body_util::BodyExt;
-use kstash::api::{self, auth::Tokens, AppState};
+use kstash::api;
+use kstash::kafka::record::Record;
 use kstash::model::envelope::Envelope;
-use kstash::signing::Signer;
 use serde_json::Value;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
 use tower::ServiceExt;
 
 const BODY_LIMIT: usize = 1024;
 
 fn app(kafka: &TestKafka) -> Router {
-    let config = kafka.config();
-    api::router(AppState {
-        producer: kstash::kafka::Producer::new(
-            &config.kafka,
-            kstash::kafka::topics::ladder(&config),
-        )
-        .unwrap(),
-        signer: Signer::new(common::CURRENT_KEY, common::NEXT_KEY),
-        tokens: Tokens::new(vec![TOKEN.into()]),
-        body_limit: BODY_LIMIT,
-        store: std::sync::Arc::new(
-            kstash::state::Store::create(None, config.state.cache_bytes).unwrap(),
-        ),
-        dedup_window: config.state.dedup_window,
-        limits: kstash::model::headers::Limits {
-            max_delay: config.delay.max_delay,
-            default_retries: config.delivery.default_retries,
-            max_retries: config.delivery.max_retries,
-        },
-    })
+    let mut config = kafka.config();
+    config.server.body_limit = BODY_LIMIT;
+    let store = kstash::state::Store::create(None, config.state.cache_bytes).unwrap();
+    api::router(kstash::server::api_state(
+        &config,
+        kstash::kafka::Producer::new(&config.kafka).unwrap(),
+        Arc::new(kstash::state::Views::new(Arc::new(store))),
+        Arc::new(AtomicUsize::new(0)),
+    ))
 }
 
 async fn call(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
@@ -119,7 +110,95 @@ async fn client_mistakes_are_json_4xx() {
                 .body(Body::from("x"))
                 .unwrap(),
             StatusCode::BAD_REQUEST,
-            "upstash-flow-control-key",
+            "needs Upstash-Flow-Control-Value",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .header("Upstash-Flow-Control-Key", "k")
+                .header("Upstash-Flow-Control-Value", "parallelism=0")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "parallelism must be at least 1",
+        ),
+        (
+            post("/v2/enqueue/bad%20name/https://example.com/x")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "only letters, digits",
+        ),
+        (
+            post("/v2/enqueue/q1/https://example.com/x")
+                .header("Upstash-Delay", "10s")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "upstash-delay is not allowed on enqueue",
+        ),
+        (
+            post("/v2/enqueue/q1/https://example.com/x")
+                .header("Upstash-Not-Before", "1900000000")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "upstash-not-before is not allowed on enqueue",
+        ),
+        (
+            post("/v2/enqueue/q1").body(Body::from("x")).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "destination is missing",
+        ),
+        (
+            post("/v2/queues")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"queueName":"q1","parallelism":100000}"#))
+                .unwrap(),
+            StatusCode::PRECONDITION_FAILED,
+            "above the maximum",
+        ),
+        (
+            post("/v2/queues")
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"queueName":"no/slash"}"#))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "only letters, digits",
+        ),
+        (
+            post("/v2/queues").body(Body::from("not json")).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "queueName",
+        ),
+        (
+            Request::get("/v2/queues/unknown")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            post("/v2/queues/unknown/pause")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            Request::get("/v2/flowControl/unknown")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not found",
+        ),
+        (
+            post("/v2/flowControl/unknown/resetRate")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::NOT_FOUND,
+            "not found",
         ),
         (
             post("/v2/publish/https://example.com/x")
@@ -169,7 +248,9 @@ async fn an_accepted_publish_is_already_on_the_ready_topic() {
     // Topics exist before the API is used (the server's start-up step).
     kafka.create_topics(&config);
     if kafka.is_real() {
-        kstash::kafka::topics::ensure(&config, None).await.unwrap();
+        kstash::kafka::topics::ensure(&config.kafka, kstash::topics::specs(&config), None)
+            .await
+            .unwrap();
     }
     let app = app(&kafka);
     let req = post("/v2/publish/https://example.com/p?q=1")

@@ -15,6 +15,7 @@ use axum::Router;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use common::{Api, Received, Receiver, Script, TestKafka, CURRENT_KEY};
+use kstash::kafka::record::Record;
 use kstash::model::dlq::DlqRecord;
 use kstash::model::event::State;
 use serde_json::Value;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use base64::Engine;
 use common::{Api, Receiver, Script, TestKafka, CURRENT_KEY, WAIT};
 use futures::StreamExt;
+use kstash::kafka::record::Record;
 use kstash::model::event::{Event, State};
 use sha2::Digest;
 

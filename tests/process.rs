@@ -5,163 +5,18 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{Api, Receiver, Script, TestKafka, WAIT};
+use common::serve::{scratch_dir, ServeProcess};
+use common::{Api, Received, Receiver, Script, TestKafka, WAIT};
+use futures::StreamExt;
 use kstash::config::{DEV_CURRENT_SIGNING_KEY, DEV_TOKEN};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kstash");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "kstash-test-{}-{}",
-        std::process::id(),
-        kstash::model::ids::message_id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A `kstash serve` child process on the test's Kafka namespace.
-struct ServeProcess {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl ServeProcess {
-    async fn spawn(
-        kafka: &TestKafka,
-        dir: &std::path::Path,
-        name: &str,
-        max_in_flight: usize,
-    ) -> Self {
-        let port = free_port();
-        let config = kafka.config();
-        let toml = format!(
-            r#"[server]
-listen = "127.0.0.1:{port}"
-shutdown_grace = "20s"
-[auth]
-tokens = ["{token}"]
-[signing]
-current_key = "{current}"
-next_key = "{next}"
-[kafka]
-brokers = "{brokers}"
-topic_prefix = "{prefix}"
-group_id = "{group}"
-delay_group_id = "{group}-delay"
-create_topics = {create}
-replication_factor = 1
-session_timeout = "{session}ms"
-[topics.ready]
-partitions = {partitions}
-[topics.events]
-partitions = {partitions}
-[topics.delay]
-partitions = {partitions}
-[topics.dlq]
-partitions = {partitions}
-[topics.cancellations]
-partitions = {partitions}
-[topics.dedup]
-partitions = {partitions}
-[delivery]
-max_in_flight = {max_in_flight}
-commit_interval = "100ms"
-allowed_networks = ["127.0.0.0/8"]
-"#,
-            token = common::TOKEN,
-            current = common::CURRENT_KEY,
-            next = common::NEXT_KEY,
-            brokers = kafka.brokers,
-            prefix = kafka.prefix,
-            group = kafka.group,
-            create = kafka.is_real(),
-            session = config.kafka.session_timeout.as_millis(),
-            partitions = common::TEST_PARTITIONS,
-        );
-        let config_path = dir.join(format!("{name}.toml"));
-        std::fs::write(&config_path, toml).unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("KSTASH_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut process = ServeProcess { child, port, log };
-        process.wait_healthy().await;
-        process
-    }
-
-    fn api(&self) -> Api {
-        Api::new(([127, 0, 0, 1], self.port).into())
-    }
-
-    async fn wait_healthy(&mut self) {
-        let url = format!("http://127.0.0.1:{}/health", self.port);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("kstash exited with {status}: {}", self.log_text());
-            }
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status().is_success() {
-                    return;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "kstash never became healthy: {}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await; // polling interval, not a sync point
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        let ok = std::process::Command::new("kill")
-            .args([signal, &pid])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill {signal} {pid}");
-    }
-
-    /// Waits for the process to exit; returns whether it exited successfully.
-    async fn exited(&mut self, within: Duration) -> bool {
-        tokio::time::timeout(within, self.child.wait())
-            .await
-            .expect("process did not exit in time")
-            .unwrap()
-            .success()
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dev_binary_prints_its_banner_and_delivers_signed_messages() {
@@ -395,4 +250,175 @@ async fn a_broker_outage_is_a_503_and_publishing_recovers() {
     let counts = receiver.collect_until(WAIT, |c| c.contains_key(&id)).await;
     assert_eq!(counts[&id], 1);
     kstash.stop().await;
+}
+
+/// Enqueues `body` to `queue` through `api`; insists on success; returns the message id.
+async fn enqueue(
+    api: &Api,
+    queue: &str,
+    destination: &str,
+    body: String,
+    headers: &[(&str, &str)],
+) -> String {
+    let (status, json) = api
+        .publish_path(&format!("/v2/enqueue/{queue}/{destination}"), body, headers)
+        .await;
+    assert_eq!(status, 200, "{json}");
+    json["messageId"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_behind_a_blocked_queue_head_brings_nothing_finished_back() {
+    const BEHIND: usize = 1000;
+    let kafka = TestKafka::new();
+    let mut config = kafka.config();
+    // One partition: the head pins the commit of everything published after it.
+    config.topics.get_mut("ready").unwrap().partitions = 1;
+    kafka.create_topics(&config);
+    let dir = scratch_dir();
+    let one_partition = "[topics.ready]\npartitions = 1\n";
+    let mut head_receiver = Receiver::start().await;
+    head_receiver.set(Script::status(500));
+    let mut bulk = Receiver::start().await;
+
+    let mut first = ServeProcess::spawn_with(&kafka, &dir, "first", one_partition).await;
+    let api = first.api();
+    let head = enqueue(
+        &api,
+        "blocked",
+        &head_receiver.url("/head"),
+        "head".into(),
+        &[("Upstash-Retries", "20"), ("Upstash-Retry-Delay", "500")],
+    )
+    .await;
+    let ids: HashSet<String> = futures::stream::iter(0..BEHIND)
+        .map(|i| {
+            let (api, url) = (&api, bulk.url("/bulk"));
+            async move {
+                let (status, json) = api.publish(&url, format!("{i}"), &[]).await;
+                assert_eq!(status, 200, "{json}");
+                json["messageId"].as_str().unwrap().to_string()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    bulk.collect_until(WAIT, |c| ids.iter().all(|id| c.contains_key(id)))
+        .await;
+    assert_eq!(
+        head_receiver.next().await.message_id(),
+        head,
+        "the head is being retried"
+    );
+
+    // Wait for a commit that says: the head unfinished, the 1000 behind it finished.
+    let topic = format!("{}ready", kafka.prefix);
+    common::eventually(
+        "a commit with the finished offsets above the head",
+        || async {
+            let (offset, metadata) = kafka.committed_with_metadata(&kafka.group, &topic, 0)?;
+            let decoded = kstash::kafka::commit_metadata::decode(offset, &metadata)?;
+            let finished: i64 = decoded.done.iter().map(|(a, b)| b - a).sum();
+            (finished >= BEHIND as i64).then_some(())
+        },
+    )
+    .await;
+    first.signal("-KILL");
+    assert!(!first.exited(WAIT).await, "SIGKILL is not a clean exit");
+
+    head_receiver.set(Script::ok());
+    head_receiver.counts(); // what the first process sent before it died
+    let second = ServeProcess::spawn_with(&kafka, &dir, "second", one_partition).await;
+    // The head is delivered by the new process, continuing its retry count...
+    let delivered = head_receiver.next().await;
+    assert_eq!(delivered.message_id(), head);
+    assert_ne!(
+        delivered.header("upstash-retried"),
+        Some("0"),
+        "the count continues"
+    );
+    // ...which then reads past the 1000 (a message published after them arrives) without
+    // delivering any of them again.
+    let sentinel = second.api().publish_ok(&bulk.url("/sentinel"), "s").await;
+    let counts = bulk
+        .collect_until(WAIT, |c| c.contains_key(&sentinel))
+        .await;
+    let again: Vec<_> = ids.iter().filter(|id| counts[*id] > 1).collect();
+    assert!(
+        again.is_empty(),
+        "{} of {BEHIND} delivered again",
+        again.len()
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_processes_keep_every_queue_in_order_when_one_is_killed() {
+    const QUEUES: usize = 6;
+    const PER_QUEUE: usize = 60;
+    const BEFORE_KILL: usize = 80;
+    let kafka = TestKafka::new();
+    kafka.create_topics(&kafka.config());
+    let dir = scratch_dir();
+    let mut receiver = Receiver::start().await;
+    // Slow enough that heads are in flight when a process dies.
+    receiver.set(Script::slow(Duration::from_millis(20)));
+    let mut first = ServeProcess::spawn(&kafka, &dir, "first", 32).await;
+    let second = ServeProcess::spawn(&kafka, &dir, "second", 32).await;
+    let (api1, api2) = (first.api(), second.api());
+
+    // Each queue's messages are enqueued in order (alternating between the processes).
+    let publishers: Vec<_> = (0..QUEUES)
+        .map(|q| {
+            let (a, b) = (Api::new(api1.addr()), Api::new(api2.addr()));
+            let url = receiver.url(&format!("/q{q}"));
+            tokio::spawn(async move {
+                for i in 0..PER_QUEUE {
+                    let api = if i % 2 == 0 { &a } else { &b };
+                    enqueue(api, &format!("q{q}"), &url, format!("{i}"), &[]).await;
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut arrivals: Vec<Received> = Vec::new();
+    while arrivals.len() < BEFORE_KILL {
+        arrivals.push(receiver.next().await);
+    }
+    first.signal("-KILL");
+    assert!(!first.exited(WAIT).await);
+    let distinct = |a: &[Received]| {
+        a.iter()
+            .map(|r| r.message_id())
+            .collect::<HashSet<_>>()
+            .len()
+    };
+    while distinct(&arrivals) < QUEUES * PER_QUEUE {
+        arrivals.push(receiver.next().await);
+    }
+    for q in 0..QUEUES {
+        let path = format!("/q{q}");
+        let mut sequence: Vec<usize> = arrivals
+            .iter()
+            .filter(|r| r.uri.path() == path)
+            .map(|r| std::str::from_utf8(&r.body).unwrap().parse().unwrap())
+            .collect();
+        // A duplicate of the head in flight at the kill is allowed; any other reordering is not.
+        sequence.dedup();
+        assert_eq!(
+            sequence,
+            (0..PER_QUEUE).collect::<Vec<_>>(),
+            "queue q{q} in enqueue order"
+        );
+    }
+    let duplicates = arrivals.len() - QUEUES * PER_QUEUE;
+    eprintln!(
+        "two-process kill: {} deliveries, {duplicates} duplicates",
+        arrivals.len()
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
 }

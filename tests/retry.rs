@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Api, Receiver, Script, TestKafka};
+use kstash::kafka::record::Record;
 use kstash::model::dlq::DlqRecord;
 use kstash::model::event::State;
 

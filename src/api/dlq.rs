@@ -22,7 +22,6 @@ use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::headers;
 use crate::model::{ids, now_ms};
-use crate::state::Change;
 
 /// Entries per page without `count`, and the largest `count`.
 const DEFAULT_COUNT: usize = 100;
@@ -63,7 +62,7 @@ async fn select(
     let body = body.map(IdsBody::parse).transpose()?.unwrap_or_default();
     if q.has("dlqIds") || body.dlq_ids.is_some() {
         let ids = unique([q.all("dlqIds"), body.dlq_ids.unwrap_or_default()].concat());
-        let found = query_store(&state.store, move |s| {
+        let found = query_store(&state.views().store, move |s| {
             let mut out = Vec::new();
             for id in &ids {
                 out.extend(s.dlq(id)?);
@@ -75,7 +74,7 @@ async fn select(
     }
     let filter = Filter::from_query(&q, &["messageId", "responseStatus"])?;
     let cursor = parse_cursor(&q)?;
-    let mut page = query_store(&state.store, move |s| {
+    let mut page = query_store(&state.views().store, move |s| {
         s.dlq_entries(cursor, count + 1, |r| filter.matches_dlq(r))
     })
     .await?;
@@ -106,7 +105,7 @@ async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json<Value>, Ap
 }
 
 async fn find(state: &AppState, id: String) -> Result<DlqRecord, ApiError> {
-    query_store(&state.store, move |s| s.dlq(&id))
+    query_store(&state.views().store, move |s| s.dlq(&id))
         .await?
         .ok_or_else(|| ApiError::NotFound("dlq entry not found".into()))
 }
@@ -140,21 +139,14 @@ async fn delete_many(
 
 /// Tombstones the entries; returns how many.
 async fn delete(state: &AppState, records: Vec<DlqRecord>) -> Result<usize, ApiError> {
-    let mut changes = Vec::new();
-    for r in records {
+    for r in &records {
         state
-            .producer
-            .send_dlq_tombstone(&r.dlq_id)
+            .writer
+            .remove::<DlqRecord>(&r.dlq_id)
             .await
             .map_err(|e| ApiError::Unavailable(format!("delete not stored, safe to retry: {e}")))?;
-        changes.push(Change::Dlq {
-            dlq_id: r.dlq_id,
-            record: None,
-        });
     }
-    let n = changes.len();
-    query_store(&state.store, move |s| s.apply(&changes)).await?;
-    Ok(n)
+    Ok(records.len())
 }
 
 async fn retry_one(
@@ -199,18 +191,10 @@ async fn retry(
     message.not_before = now;
     apply_overrides(&mut message, headers, state, now)?;
     super::publish::accept(state, &message).await?;
-    let mut changes = vec![];
     // The new message is stored; failing to remove the entry now would only leave it listed.
-    match state.producer.send_dlq_tombstone(&record.dlq_id).await {
-        Ok(_) => changes.push(Change::Dlq {
-            dlq_id: record.dlq_id.clone(),
-            record: None,
-        }),
-        Err(e) => {
-            tracing::warn!(dlq_id = %record.dlq_id, error = %e, "retried entry not removed from the DLQ")
-        }
+    if let Err(e) = state.writer.remove::<DlqRecord>(&record.dlq_id).await {
+        tracing::warn!(dlq_id = %record.dlq_id, error = %e, "retried entry not removed from the DLQ");
     }
-    query_store(&state.store, move |s| s.apply(&changes)).await?;
     tracing::info!(dlq_id = %record.dlq_id, message_id = %message.message_id, "retried from the DLQ");
     Ok(message.message_id)
 }

@@ -42,7 +42,7 @@ async fn list(
         .transpose()?;
     let filter = Filter::from_query(&q, &["messageId", "messageIds", "host", "path", "state"])?;
     // One more than asked tells whether there is a next page.
-    let mut page = query_store(&state.store, move |s| {
+    let mut page = query_store(&state.views().store, move |s| {
         s.events(before, count + 1, |e| filter.matches_event(e))
     })
     .await?;

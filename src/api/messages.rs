@@ -19,11 +19,11 @@ use serde_json::{json, Value};
 use super::error::ApiError;
 use super::query::{unique, Filter, IdsBody, Query};
 use super::{render, AppState};
+use crate::model::cancel::CancelRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State as EventState};
 use crate::model::now_ms;
-use crate::state::tail::CancelRecord;
-use crate::state::{Change, Store};
+use crate::state::Store;
 
 /// Cancels written to Kafka at once by a bulk cancel.
 const CANCEL_CONCURRENCY: usize = 32;
@@ -56,7 +56,7 @@ async fn get_message(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let found = query_store(&state.store, move |s| s.message(&id)).await?;
+    let found = query_store(&state.views().store, move |s| s.message(&id)).await?;
     match found {
         Some(m) => Ok(Json(Value::Object(render::message(&m)))),
         None => Err(ApiError::NotFound(
@@ -73,7 +73,7 @@ async fn cancel_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let found = query_store(&state.store, move |s| s.message(&id)).await?;
+    let found = query_store(&state.views().store, move |s| s.message(&id)).await?;
     let Some(message) = found else {
         return Err(ApiError::NotFound(
             "message not found (delivered, failed, cancelled or unknown)".into(),
@@ -98,7 +98,7 @@ async fn cancel_many(
     let ids = unique([q.all("messageIds"), body.message_ids.unwrap_or_default()].concat());
     let targets = if explicit_ids {
         // An explicitly empty list cancels nothing (never "everything").
-        query_store(&state.store, move |s| {
+        query_store(&state.views().store, move |s| {
             let mut found = Vec::new();
             for id in &ids {
                 if let Some(m) = s.message(id)? {
@@ -110,7 +110,7 @@ async fn cancel_many(
         .await?
     } else {
         let filter = Filter::from_query(&q, &["host", "path"])?;
-        query_store(&state.store, move |s| {
+        query_store(&state.views().store, move |s| {
             s.messages_where(|m| filter.matches_message(m))
         })
         .await?
@@ -122,53 +122,29 @@ async fn cancel_many(
     ))
 }
 
-/// Records cancel requests for `messages`; returns how many were recorded.
+/// Records cancel requests for `messages` (a cancel record, then a CANCEL_REQUESTED event);
+/// returns how many were recorded.
 async fn cancel(state: &AppState, messages: Vec<Envelope>) -> Result<usize, ApiError> {
     let now = now_ms();
-    let results: Vec<Result<Vec<Change>, ApiError>> = futures::stream::iter(messages)
+    let results: Vec<Result<(), ApiError>> = futures::stream::iter(messages)
         .map(|m| async move {
-            let record = CancelRecord {
-                message_id: m.message_id.clone(),
-                requested_at: now,
-            };
             state
-                .producer
-                .send_cancel(&record)
+                .writer
+                .put(CancelRecord::new(&m.message_id, now))
                 .await
                 .map_err(|e| ApiError::Unavailable(format!("cancel not stored, safe to retry: {e}")))?;
             let event = Event::new(&m, EventState::CancelRequested, now);
-            let mut changes = vec![Change::Cancelled {
-                message_id: m.message_id.clone(),
-                at_ms: now,
-            }];
-            match state.producer.send_event(&event).await {
-                Ok(ack) => changes.push(Change::Event {
-                    event: Box::new(event),
-                    partition: ack.partition,
-                    offset: ack.offset,
-                }),
-                Err(e) => tracing::warn!(message_id = %m.message_id, error = %e, "CANCEL_REQUESTED event not recorded"),
+            if let Err(e) = state.writer.put(event).await {
+                tracing::warn!(message_id = %m.message_id, error = %e, "CANCEL_REQUESTED event not recorded");
             }
-            tracing::info!(message_id = %m.message_id, "cancel requested");
-            Ok(changes)
+            tracing::debug!(message_id = %m.message_id, "cancel requested");
+            Ok(())
         })
         .buffer_unordered(CANCEL_CONCURRENCY)
         .collect()
         .await;
-    let mut changes = Vec::new();
-    let mut first_error = None;
-    for r in results {
-        match r {
-            Ok(c) => changes.extend(c),
-            Err(e) => first_error = first_error.or(Some(e)),
-        }
-    }
-    let cancelled = changes
-        .iter()
-        .filter(|c| matches!(c, Change::Cancelled { .. }))
-        .count();
-    query_store(&state.store, move |s| s.apply(&changes)).await?;
-    match first_error {
+    let cancelled = results.iter().filter(|r| r.is_ok()).count();
+    match results.into_iter().find_map(Result::err) {
         Some(e) if cancelled == 0 => Err(e),
         _ => Ok(cancelled),
     }

@@ -7,10 +7,12 @@ pub mod auth;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod flow_control;
 pub mod keys;
 pub mod messages;
 pub mod publish;
 pub mod query;
+pub mod queues;
 pub mod render;
 
 use axum::http::Uri;
@@ -20,21 +22,36 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tower_http::trace::TraceLayer;
 
-use crate::kafka::Producer;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+
 use crate::signing::Signer;
+use crate::state::writer::Writer;
+use crate::state::Views;
 use error::ApiError;
 
 /// What every handler may use.
 #[derive(Clone)]
 pub struct AppState {
-    pub producer: Producer,
+    /// Every write (produce → ack → local view) and, through it, the views.
+    pub writer: Writer,
     pub signer: Signer,
     pub tokens: auth::Tokens,
     pub body_limit: usize,
     pub limits: crate::model::headers::Limits,
-    /// The local views of the state topics (messages, events, DLQ, dedup).
-    pub store: std::sync::Arc<crate::state::Store>,
     pub dedup_window: std::time::Duration,
+    /// Largest queue parallelism (more: 412).
+    pub max_queue_parallelism: u32,
+    /// This process's cap on deliveries in flight, and how many are in flight now (a gauge the
+    /// delivery stage keeps; the API only reads it).
+    pub global_parallelism: (usize, Arc<AtomicUsize>),
+}
+
+impl AppState {
+    /// The local views of the state topics.
+    pub fn views(&self) -> &Arc<Views> {
+        self.writer.views()
+    }
 }
 
 /// The whole API as a router (tested with `oneshot`, served by `server`).
@@ -45,6 +62,8 @@ pub fn router(state: AppState) -> Router {
         .merge(messages::router())
         .merge(events::router())
         .merge(dlq::router())
+        .merge(queues::router())
+        .merge(flow_control::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

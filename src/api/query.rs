@@ -3,7 +3,7 @@
 //! The SDKs repeat a key for several values (`label=a&label=b`); the docs also allow one
 //! comma-separated value (`label=a,b`): both are read. Values of one filter are ORed, different
 //! filters ANDed (`qstash-api.md` §1.4). Filters name fields of the message; a filter on a feature
-//! no message has yet (URL groups, queues, schedules, flow control) matches nothing.
+//! no message has yet (URL groups, schedules) matches nothing.
 
 use axum::http::Uri;
 use serde::Deserialize;
@@ -109,7 +109,9 @@ pub struct Filter {
     caller_ips: Vec<String>,
     states: Vec<State>,
     response_statuses: Vec<u16>,
-    /// Filters on features no message has yet (topicName, queueName, scheduleId, flowControlKey).
+    queue_names: Vec<String>,
+    flow_control_keys: Vec<String>,
+    /// Filters on features no message has yet (topicName, scheduleId).
     unmatched_features: bool,
     from_ms: Option<i64>,
     to_ms: Option<i64>,
@@ -151,7 +153,9 @@ impl Filter {
                 })?);
             }
         }
-        f.unmatched_features = ["topicName", "queueName", "scheduleId", "flowControlKey"]
+        f.queue_names = q.all("queueName");
+        f.flow_control_keys = q.all("flowControlKey");
+        f.unmatched_features = ["topicName", "scheduleId"]
             .iter()
             .any(|k| !q.all(k).is_empty());
         f.from_ms = q.int("fromDate")?;
@@ -169,21 +173,27 @@ impl Filter {
             && self.caller_ips.is_empty()
             && self.states.is_empty()
             && self.response_statuses.is_empty()
+            && self.queue_names.is_empty()
+            && self.flow_control_keys.is_empty()
             && !self.unmatched_features
             && self.from_ms.is_none()
             && self.to_ms.is_none()
     }
 
-    fn common(
-        &self,
-        id: &str,
-        url: &str,
-        labels: &[String],
-        caller_ip: Option<&str>,
-        time: i64,
-    ) -> bool {
+    fn common(&self, m: Fields<'_>, time: i64) -> bool {
+        let Fields {
+            id,
+            url,
+            labels,
+            caller_ip,
+            queue,
+            flow_control_key,
+        } = m;
         let any =
             |wanted: &[String], have: &str| wanted.is_empty() || wanted.iter().any(|w| w == have);
+        let any_of = |wanted: &[String], have: Option<&str>| {
+            wanted.is_empty() || have.is_some_and(|h| wanted.iter().any(|w| w == h))
+        };
         let parsed = reqwest::Url::parse(url).ok();
         !self.unmatched_features
             && any(&self.message_ids, id)
@@ -201,44 +211,60 @@ impl Filter {
             )
             && (self.labels.is_empty() || labels.iter().any(|l| self.labels.contains(l)))
             && any(&self.caller_ips, caller_ip.unwrap_or_default())
+            && any_of(&self.queue_names, queue)
+            && any_of(&self.flow_control_keys, flow_control_key)
             && self.from_ms.is_none_or(|f| time >= f)
             && self.to_ms.is_none_or(|t| time <= t)
     }
 
     /// For pending messages (cancel): dates are the creation time.
     pub fn matches_message(&self, m: &Envelope) -> bool {
-        self.common(
-            &m.message_id,
-            &m.url,
-            &m.labels,
-            m.caller_ip.as_deref(),
-            m.created_at,
-        )
+        self.common(Fields::of(m), m.created_at)
     }
 
     /// For log entries: dates are the event time.
     pub fn matches_event(&self, e: &Event) -> bool {
-        self.common(
-            &e.message_id,
-            &e.url,
-            &e.labels,
-            e.caller_ip.as_deref(),
-            e.time,
-        ) && (self.states.is_empty() || self.states.contains(&e.state))
+        let fields = Fields {
+            id: &e.message_id,
+            url: &e.url,
+            labels: &e.labels,
+            caller_ip: e.caller_ip.as_deref(),
+            queue: e.queue_name.as_deref(),
+            flow_control_key: e.flow_control_key.as_deref(),
+        };
+        self.common(fields, e.time) && (self.states.is_empty() || self.states.contains(&e.state))
     }
 
     /// For DLQ entries: dates are the failure time.
     pub fn matches_dlq(&self, r: &DlqRecord) -> bool {
-        let m = &r.message;
-        self.common(
-            &m.message_id,
-            &m.url,
-            &m.labels,
-            m.caller_ip.as_deref(),
-            r.failed_at,
-        ) && (self.response_statuses.is_empty()
-            || r.response_status
-                .is_some_and(|s| self.response_statuses.contains(&s)))
+        self.common(Fields::of(&r.message), r.failed_at)
+            && (self.response_statuses.is_empty()
+                || r.response_status
+                    .is_some_and(|s| self.response_statuses.contains(&s)))
+    }
+}
+
+/// What the filters look at, from a message or an event.
+#[derive(Debug, Clone, Copy)]
+struct Fields<'a> {
+    id: &'a str,
+    url: &'a str,
+    labels: &'a [String],
+    caller_ip: Option<&'a str>,
+    queue: Option<&'a str>,
+    flow_control_key: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(m: &'a Envelope) -> Self {
+        Fields {
+            id: &m.message_id,
+            url: &m.url,
+            labels: &m.labels,
+            caller_ip: m.caller_ip.as_deref(),
+            queue: m.queue_name.as_deref(),
+            flow_control_key: m.flow_control.as_ref().map(|fc| fc.key.as_str()),
+        }
     }
 }
 
@@ -288,9 +314,16 @@ mod tests {
         assert!(f("host=example.com&path=/a").matches_message(&m));
         assert!(f("messageIds=msg_1&fromDate=1&toDate=1").matches_message(&m));
         assert!(!f("fromDate=2").matches_message(&m));
+        assert!(f("queueName=orders").matches_message(&m));
+        assert!(!f("queueName=q").matches_message(&m));
+        assert!(f("flowControlKey=x,tenant-1").matches_message(&m));
+        assert!(!f("flowControlKey=x").matches_message(&m));
+        let mut plain = sample();
+        plain.queue_name = None;
+        assert!(!f("queueName=orders").matches_message(&plain));
         assert!(
-            !f("queueName=q").matches_message(&m),
-            "no message has a queue yet"
+            !f("topicName=g").matches_message(&m),
+            "no message has a URL group yet"
         );
         assert!(
             Filter::from_query(&q("host=x"), &[]).is_err(),

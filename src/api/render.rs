@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::Event;
+use crate::model::flow::FlowControl;
 
 /// Inserts `key: value` when `value` is `Some`.
 fn put<T: serde::Serialize>(o: &mut Map<String, Value>, key: &str, value: Option<T>) {
@@ -68,8 +69,22 @@ pub fn message(m: &Envelope) -> Map<String, Value> {
     }
     put_labels(&mut o, &m.labels);
     put_caller_ip(&mut o, m.caller_ip.as_ref());
+    put(&mut o, "queueName", m.queue_name.as_ref());
+    put_flow_control(&mut o, m.flow_control.as_ref());
     o
 }
+
+/// `flowControlKey`, `parallelism`, `rate`, `period` (seconds, as the TS tests read it).
+fn put_flow_control(o: &mut Map<String, Value>, fc: Option<&FlowControl>) {
+    if let Some(fc) = fc {
+        o.insert("flowControlKey".into(), json!(fc.key));
+        put(o, "parallelism", fc.parallelism);
+        put(o, "rate", fc.rate);
+        o.insert("period".into(), json!(fc.period_ms / MILLIS_PER_SECOND));
+    }
+}
+
+const MILLIS_PER_SECOND: u64 = 1000;
 
 /// A log entry (`GET /v2/events`, `/v2/logs`).
 pub fn event(e: &Event) -> Value {
@@ -114,6 +129,11 @@ pub fn event(e: &Event) -> Value {
     }
     put_labels(&mut o, &e.labels);
     put_caller_ip(&mut o, e.caller_ip.as_ref());
+    put(&mut o, "queueName", e.queue_name.as_ref());
+    match e.message.as_deref().and_then(|m| m.flow_control.as_ref()) {
+        Some(fc) => put_flow_control(&mut o, Some(fc)),
+        None => put(&mut o, "flowControlKey", e.flow_control_key.as_ref()),
+    }
     Value::Object(o)
 }
 
@@ -165,6 +185,13 @@ mod tests {
         assert!(m.contains_key("bodyBase64") && !m.contains_key("body"));
         assert_eq!(m["callerIP"], m["callerIp"]);
         assert_eq!(m["label"], "a");
+        assert_eq!(m["queueName"], "orders");
+        assert_eq!(m["flowControlKey"], "tenant-1");
+        assert_eq!(
+            (&m["parallelism"], &m["rate"], &m["period"]),
+            (&json!(2), &json!(10), &json!(60)),
+            "period in seconds"
+        );
     }
 
     #[test]

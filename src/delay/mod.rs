@@ -1,42 +1,111 @@
 //! The delay stage: moves records down the delay ladder and onto the ready topic when due.
 //!
-//! It runs on the same [`ParallelConsumer`](crate::kafka::consumer::ParallelConsumer) as
-//! delivery, in its own consumer group over the delay topics. A record is *admitted* at its wake
-//! time (`ladder.rs`); until then its partition is paused, so memory does not grow with the number
-//! of delayed messages. Once admitted, a record in its last stretch is held in memory (a sleeping
-//! task, at most the smallest bucket) and then produced to `ready`; any other record is produced
-//! to the delay step its remaining wait calls for. The value is forwarded byte for byte; the
-//! record is finished (committable) only once Kafka acknowledged the forwarded copy.
+//! [`Router`] is the entry: every message record (a publish, a retry copy, a callback message, a
+//! record moving down the ladder) goes where its not-before time puts it now, the ready topic or a
+//! delay step. The [`Delayer`] runs on the same
+//! [`ParallelConsumer`](crate::kafka::consumer::ParallelConsumer) as delivery, in its own consumer
+//! group over the delay topics. A record is *admitted* at its wake time (`ladder.rs`); until then
+//! its partition is paused, so memory does not grow with the number of delayed messages. Once
+//! admitted, a record in its last stretch is held in memory (a sleeping task, at most the smallest
+//! bucket) and then produced to `ready`; any other record is produced to the delay step its
+//! remaining wait calls for. Key, value and headers are forwarded unchanged (only the ladder's own
+//! headers are replaced); the record is finished (committable) only once Kafka acknowledged the
+//! forwarded copy.
 
 pub mod ladder;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::consumer::{Admission, Done, RecordHandler};
-use crate::kafka::producer::{until_acked, HOP_DUE_HEADER, NOT_BEFORE_HEADER};
+use crate::kafka::producer::{until_acked, Ack};
+use crate::kafka::record::{Record, SCHEMA_HEADER};
 use crate::kafka::Producer;
+use crate::model::envelope::Envelope;
 use crate::model::now_ms;
-use ladder::Ladder;
+use ladder::{Hop, Ladder};
+
+/// Header on delay-topic records: the message's not-before time (unix ms), so the delay stage
+/// can schedule a record without decoding it.
+pub const NOT_BEFORE_HEADER: &str = "kstash-not-before";
+/// Header on delay-topic records: when this hop of the ladder is due (unix ms).
+pub const HOP_DUE_HEADER: &str = "kstash-hop-due";
+
+/// Sends message records to the ready topic or the delay step their wait calls for.
+#[derive(Clone)]
+pub struct Router {
+    producer: Producer,
+    ladder: Ladder,
+    ready: String,
+    steps: Vec<String>,
+}
+
+impl Router {
+    /// `steps`: the delay topics, one per ladder step in step order.
+    pub fn new(producer: Producer, ladder: Ladder, ready: String, steps: Vec<String>) -> Self {
+        Router {
+            producer,
+            ladder,
+            ready,
+            steps,
+        }
+    }
+
+    pub fn ladder(&self) -> &Ladder {
+        &self.ladder
+    }
+
+    /// Stores a message where it belongs now; resolves once acknowledged.
+    pub async fn send(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
+        let mut headers = vec![(SCHEMA_HEADER, Envelope::schema_header())];
+        headers.extend(envelope.kafka_headers());
+        self.send_raw(
+            &envelope.ordering_key(),
+            &envelope.encode(),
+            headers,
+            envelope.not_before,
+            now_ms(),
+        )
+        .await
+    }
+
+    /// Sends an encoded message record (with its other `headers`) to the ready topic or to the
+    /// delay step its remaining wait calls for.
+    pub async fn send_raw(
+        &self,
+        key: &str,
+        value: &[u8],
+        mut headers: Vec<(&str, String)>,
+        not_before_ms: i64,
+        now_ms: i64,
+    ) -> Result<Ack, KafkaError> {
+        let topic = match self.ladder.route(not_before_ms, now_ms) {
+            Hop::Ready => &self.ready,
+            Hop::Delay { step, hop_due_ms } => {
+                headers.push((NOT_BEFORE_HEADER, not_before_ms.to_string()));
+                headers.push((HOP_DUE_HEADER, hop_due_ms.to_string()));
+                &self.steps[step]
+            }
+        };
+        self.producer
+            .send_raw(topic, key, Some(value), &headers)
+            .await
+    }
+}
 
 /// Forwards delay-topic records.
 pub struct Delayer {
-    producer: Producer,
-    ladder: Ladder,
+    router: Router,
     shutdown: CancellationToken,
 }
 
 impl Delayer {
-    pub fn new(producer: Producer, shutdown: CancellationToken) -> Arc<Self> {
-        let ladder = producer.ladder().clone();
-        Arc::new(Delayer {
-            producer,
-            ladder,
-            shutdown,
-        })
+    pub fn new(router: Router, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Delayer { router, shutdown })
     }
 }
 
@@ -57,7 +126,7 @@ impl RecordHandler for Delayer {
             header_ms(record, HOP_DUE_HEADER),
         ) {
             (Some(not_before), Some(hop_due)) => {
-                let wake = self.ladder.wake_ms(not_before, hop_due);
+                let wake = self.router.ladder.wake_ms(not_before, hop_due);
                 if wake > now_ms() {
                     Admission::NotBefore(wake)
                 } else {
@@ -86,7 +155,7 @@ impl RecordHandler for Delayer {
             return self.forward(&key, &record, now_ms()).await;
         };
         let now = now_ms();
-        if self.ladder.in_last_stretch(not_before, now) {
+        if self.router.ladder.in_last_stretch(not_before, now) {
             let wait = Duration::from_millis(u64::try_from(not_before - now).unwrap_or_default());
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
@@ -99,11 +168,27 @@ impl RecordHandler for Delayer {
 }
 
 impl Delayer {
-    /// Produces the record's value to where `not_before` puts it now, retrying until Kafka takes
-    /// it or the process shuts down.
+    /// Produces the record (value and headers, without the ladder's) to where `not_before` puts
+    /// it now, retrying until Kafka takes it or the process shuts down.
     async fn forward(&self, key: &str, record: &OwnedMessage, not_before: i64) -> Done {
         let value = record.payload().unwrap_or_default();
-        let send = || self.producer.send_routed(key, value, not_before, now_ms());
+        let kept: Vec<(String, String)> = record
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .filter(|h| h.key != NOT_BEFORE_HEADER && h.key != HOP_DUE_HEADER)
+                    .filter_map(|h| {
+                        let value = std::str::from_utf8(h.value?).ok()?;
+                        Some((h.key.to_string(), value.to_string()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let send = || {
+            let headers = kept.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            self.router
+                .send_raw(key, value, headers, not_before, now_ms())
+        };
         if until_acked(&self.shutdown, "delayed message", send).await {
             Done::Finished
         } else {

@@ -9,6 +9,11 @@
 //! as finished only once that copy is acknowledged by Kafka. Events: DELIVERED, or ERROR followed
 //! by RETRY or FAILED.
 //!
+//! A queued message is the exception: its retry waits *in its place* in the queue (FIFO holds
+//! through retries), so [`handle`] records the RETRY event (which carries the new attempt count
+//! and due time, so a process that takes the queue over continues the count) and answers
+//! [`After::RetryInPlace`] instead of producing a copy.
+//!
 //! Callbacks (`model::callback`): after every attempt of a message with `Upstash-Callback`, and
 //! once after its final failure with `Upstash-Failure-Callback`, [`handle`] produces a new
 //! callback message (payload from [`callback_payload`]) through the delay ladder, which then
@@ -20,11 +25,12 @@
 //! whereas a duplicated retry copy would double the rest of the message's retry chain), then the
 //! retry copy or DLQ record, then the failure callback (its `dlqId` must name a durable record).
 
+use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
 use super::http::{Outcome, Response};
-use crate::kafka::consumer::Done;
-use crate::kafka::producer::until_acked;
+use crate::delay::Router;
+use crate::kafka::producer::{until_acked, Ack};
 use crate::kafka::Producer;
 use crate::model::callback::{AttemptResponse, Callback, CallbackPayload};
 use crate::model::dlq::{DlqRecord, DLQ_VERSION};
@@ -32,6 +38,52 @@ use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
 use crate::model::retry::{default_backoff, retry_after, RetryDelayExpr};
 use crate::model::{ids, now_ms};
+
+/// Where the delivery stage writes what follows an attempt: messages (retry copies, callbacks)
+/// through the delay router, events, dead letters.
+#[derive(Clone)]
+pub struct Sink {
+    pub producer: Producer,
+    pub router: Router,
+    /// The events topic.
+    pub events: String,
+    /// The DLQ topic.
+    pub dlq: String,
+}
+
+impl Sink {
+    /// Stores a message where it belongs now (ready or the delay ladder).
+    pub async fn message(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
+        self.router.send(envelope).await
+    }
+
+    /// Records an event; resolves once acknowledged.
+    pub async fn event(&self, event: &Event) -> Result<Ack, KafkaError> {
+        self.producer.send(&self.events, event, &[]).await
+    }
+
+    /// Queues an event without waiting (see `Producer::enqueue`).
+    pub fn enqueue_event(&self, event: &Event) {
+        self.producer.enqueue(&self.events, event);
+    }
+
+    /// Stores a dead-letter record.
+    pub async fn dead_letter(&self, record: &DlqRecord) -> Result<Ack, KafkaError> {
+        self.producer.send(&self.dlq, record, &[]).await
+    }
+}
+
+/// How the record of an attempt is left.
+#[derive(Debug)]
+pub enum After {
+    /// Done: delivered, failed to the DLQ, or its retry copy stored.
+    Finished,
+    /// Kafka did not take a follow-up before shutdown: the attempt is made again by whoever reads
+    /// the record next.
+    HandedBack,
+    /// A queued message: try `next` again at `at_ms` in its place.
+    RetryInPlace { at_ms: i64, next: Box<Envelope> },
+}
 
 /// Status with which a destination refuses retries (with [`NON_RETRYABLE_HEADER`]).
 pub const NON_RETRYABLE_STATUS: u16 = 489;
@@ -142,7 +194,7 @@ pub fn callback_payload(
 /// precedes the callback's own ACTIVE (queued only once the message was consumed), and a lost
 /// event costs a log line, not a callback.
 async fn produce_callback(
-    producer: &Producer,
+    sink: &Sink,
     shutdown: &CancellationToken,
     what: &str,
     settings: &Callback,
@@ -153,11 +205,11 @@ async fn produce_callback(
     let mut created = Event::new(&message, State::Created, now);
     // As on publish: CREATED carries the whole message, for the message and log APIs.
     created.message = Some(Box::new(message.clone()));
-    producer.enqueue_event(&created);
-    if !until_acked(shutdown, what, || producer.send_envelope(&message)).await {
+    sink.enqueue_event(&created);
+    if !until_acked(shutdown, what, || sink.message(&message)).await {
         return false;
     }
-    tracing::info!(
+    tracing::debug!(
         callback_message_id = %message.message_id,
         not_before = message.not_before,
         what,
@@ -170,33 +222,39 @@ async fn produce_callback(
 /// copy, DLQ record, callback message) before shutdown (the attempt is then made again by
 /// whoever reads the record next).
 pub async fn handle(
-    producer: &Producer,
+    sink: &Sink,
     shutdown: &CancellationToken,
     envelope: &Envelope,
     outcome: Outcome,
-) -> Done {
+) -> After {
     let now = now_ms();
     let decision = decide(envelope, &outcome, now);
     let mut attempt_event = event_for(envelope, &outcome, now);
     let mut follow_up = None;
     if let Some(settings) = &envelope.callback {
         let payload = callback_payload(envelope, &outcome, None);
-        if !produce_callback(producer, shutdown, "callback", settings, &payload, now).await {
-            return Done::HandedBack;
+        if !produce_callback(sink, shutdown, "callback", settings, &payload, now).await {
+            return After::HandedBack;
         }
     }
+    let mut after = After::Finished;
     match &decision {
         Decision::Delivered => {
-            tracing::info!(status = attempt_event.response_status, "delivered");
+            tracing::debug!(status = attempt_event.response_status, "delivered");
         }
         Decision::Retry { at_ms } => {
             let mut next = envelope.clone();
             next.retried += 1;
             next.not_before = *at_ms;
-            if !until_acked(shutdown, "retry", || producer.send_envelope(&next)).await {
-                return Done::HandedBack;
+            if next.queue_name.is_some() {
+                after = After::RetryInPlace {
+                    at_ms: *at_ms,
+                    next: Box::new(next.clone()),
+                };
+            } else if !until_acked(shutdown, "retry", || sink.message(&next)).await {
+                return After::HandedBack;
             }
-            tracing::warn!(
+            tracing::debug!(
                 error = attempt_event.error.as_deref(),
                 next_delivery_time = at_ms,
                 "attempt failed; retry scheduled"
@@ -223,8 +281,8 @@ pub async fn handle(
                 response_body: body,
                 error: failure_text(&outcome),
             };
-            if !until_acked(shutdown, "dead letter", || producer.send_dlq(&record)).await {
-                return Done::HandedBack;
+            if !until_acked(shutdown, "dead letter", || sink.dead_letter(&record)).await {
+                return After::HandedBack;
             }
             tracing::warn!(error = %record.error, dlq_id = %record.dlq_id, "message failed; moved to the DLQ");
             let mut failed = Event::new(envelope, State::Failed, now);
@@ -233,18 +291,18 @@ pub async fn handle(
             if let Some(settings) = &envelope.failure_callback {
                 let payload = callback_payload(envelope, &outcome, Some(&record.dlq_id));
                 let what = "failure callback";
-                if !produce_callback(producer, shutdown, what, settings, &payload, now).await {
-                    return Done::HandedBack;
+                if !produce_callback(sink, shutdown, what, settings, &payload, now).await {
+                    return After::HandedBack;
                 }
             }
         }
     }
     for event in std::iter::once(attempt_event).chain(follow_up) {
-        if let Err(e) = producer.send_event(&event).await {
+        if let Err(e) = sink.event(&event).await {
             tracing::error!(error = %e, state = ?event.state, "could not record an event");
         }
     }
-    Done::Finished
+    after
 }
 
 #[cfg(test)]

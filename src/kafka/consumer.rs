@@ -1,29 +1,40 @@
-//! A consumer-group member that works on many records of a partition at once and still commits
-//! correctly: the committed offset of a partition is its lowest unfinished offset
-//! ([`OffsetTracker`]). Both pipeline stages run on it: delivery (the ready topic) and the delay
-//! ladder.
+//! A consumer-group member that works on many records of a partition at once, keeps per-key order
+//! where asked, and still commits correctly. Both pipeline stages run on it: delivery (the ready
+//! topic) and the delay ladder. It knows nothing about HTTP, queues or delays: it hands records to
+//! a [`RecordHandler`], which says which lane a record belongs to and how that lane may run.
 //!
-//! Flow control: a semaphore permit is taken *before* the next record is taken from librdkafka, so
-//! in-flight work is bounded. When no permit frees up for a while, the consumer pauses its
-//! assignment and keeps polling (so the group does not evict it for missing
-//! `max.poll.interval.ms`) instead of buffering records. (librdkafka's own prefetch queue is
-//! bounded separately by `queued.max.messages.kbytes`, settable through `kafka.librdkafka`.)
+//! **Commits** (`offsets.rs`, `commit_metadata.rs`): the committed offset of a partition is its
+//! lowest unfinished offset, and the offsets finished above it travel in the commit's metadata,
+//! so after a restart or a rebalance the next owner skips them instead of delivering them again.
+//! On assignment the committed offset and metadata are read back before the first record.
 //!
-//! Admission: a handler may say a record is not to be worked on before some time (the delay
+//! **Lanes** (`lanes.rs`): a record with a lane waits in it; each lane has a dispatcher task that
+//! starts its records in offset order under the lane's policy (parallelism, paused) and after the
+//! handler's [gate](RecordHandler::gate) (shared limits such as a flow-control rate). A blocked lane
+//! parks its records (they stay in Kafka and are re-read after a seek back), never the partition.
+//! A record may finish with [`Done::Again`]: it is tried again later *in its place* (a FIFO queue
+//! head retrying), its lane slot kept, no delivery slot held while it waits.
+//!
+//! **Bounds**: deliveries in flight are bounded by a semaphore (`max_in_flight`, reported as the
+//! global parallelism). A record without a lane takes a slot before the next record is read; when
+//! no slot frees up for a while, the consumer pauses its assignment and keeps polling (so the group
+//! does not evict it for missing `max.poll.interval.ms`) instead of buffering records, and resumes
+//! at half the bound. Lane records wait in bounded lane buffers.
+//!
+//! **Admission**: a handler may say a record is not to be worked on before some time (the delay
 //! ladder's head of partition is not due). The consumer then pauses just that partition, seeks it
 //! back to the record, and resumes it at that time: nothing is buffered while waiting. A record
 //! that arrives for a paused partition (fetched before the pause took effect) is handed back the
 //! same way; a partition is only ever sought back to a *lower* offset, so no record is skipped.
 //!
-//! Rebalances: on revoke, what finished is committed synchronously while the partition is still
-//! ours; records still in flight for it are finished by their tasks but no longer committed here
-//! (the next owner re-reads them: at-least-once). Shutdown stops taking records, waits up to the
-//! grace period for in-flight work, commits, and leaves the group.
-//!
-//! The consumer knows nothing about HTTP or delays: it hands records to a [`RecordHandler`].
+//! **Rebalances**: on revoke, what finished is committed synchronously while the partition is still
+//! ours; its lanes are dropped, and records still running for it finish without being committed
+//! here (a lane record retrying in place stops: the next owner has it). Shutdown stops taking
+//! records, waits up to the grace period for in-flight work, commits, and leaves the group.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -32,17 +43,23 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::offsets::OffsetTracker;
+use super::lanes::{LaneId, LanePolicy, Lanes, Next, Pushed, Rewind};
+use super::offsets::{Commit, OffsetState, OffsetTracker, Ticket};
 use crate::model::now_ms;
 
 /// How long to wait for a free in-flight permit before pausing the assignment.
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
-/// Timeout of the seek that hands back a record.
+/// Timeout of the seek that hands back a record or rewinds a partition.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of reading the committed offsets (and metadata) of newly assigned partitions.
+const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
+/// A waiting lane looks at its policy again at least this often (a missed change notification
+/// costs at most this much delay).
+const POLICY_RECHECK: Duration = Duration::from_secs(1);
 
 /// Whether a record may be worked on now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,12 +70,31 @@ pub enum Admission {
 }
 
 /// How a handler left a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Done {
     /// Delivered, or durably handed on: its offset may be committed.
     Finished,
-    /// Not finished (shutting down, Kafka unavailable): leave it uncommitted so it is read again.
+    /// Not finished (shutting down): leave it uncommitted so it is read again.
     HandedBack,
+    /// Try this record (its payload possibly changed) again at `at_ms`, keeping its place in its
+    /// lane; it stays unfinished meanwhile.
+    Again { at_ms: i64, record: OwnedMessage },
+}
+
+/// What a [`RecordHandler::gate`] hands out: held while the record runs (e.g. a flow-control
+/// permit), released when its attempt ends.
+pub struct Gate(#[allow(dead_code)] Option<Box<dyn Send + Sync>>);
+
+impl Gate {
+    /// No limit was taken.
+    pub fn none() -> Self {
+        Gate(None)
+    }
+
+    /// Holds `guard` for the length of the attempt.
+    pub fn hold(guard: impl Send + Sync + 'static) -> Self {
+        Gate(Some(Box::new(guard)))
+    }
 }
 
 /// Works on records.
@@ -68,7 +104,29 @@ pub trait RecordHandler: Send + Sync + 'static {
         Admission::Now
     }
 
-    /// Works on one record; completes when the record is finished or handed back.
+    /// The lane `record` waits in (read off its key; no decoding): `None` starts it at once.
+    fn lane(&self, _record: &BorrowedMessage<'_>) -> Option<String> {
+        None
+    }
+
+    /// How lane `lane` may run now.
+    fn policy(&self, _lane: &str) -> LanePolicy {
+        LanePolicy::UNLIMITED
+    }
+
+    /// Waits until `record` may start (limits shared across lanes); the gate is held until the
+    /// attempt ends. Awaited in lane order.
+    fn gate(&self, _record: &OwnedMessage) -> impl Future<Output = Gate> + Send {
+        std::future::ready(Gate::none())
+    }
+
+    /// Changes whenever lane policies may have changed.
+    fn policy_changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// Works on one record; completes when the record is finished, handed back, or to be tried
+    /// again.
     fn handle(&self, record: OwnedMessage) -> impl Future<Output = Done> + Send;
 }
 
@@ -76,14 +134,21 @@ pub trait RecordHandler: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub topics: Vec<String>,
+    /// Records worked on at once (the global parallelism of the process).
     pub max_in_flight: usize,
     pub commit_interval: Duration,
     pub shutdown_grace: Duration,
+    /// Records one lane keeps in memory.
+    pub lane_buffer: usize,
+    /// Records all lanes keep in memory together.
+    pub max_buffered: usize,
+    /// Bytes of commit metadata for the offsets finished above the committed one.
+    pub commit_metadata_max_bytes: usize,
 }
 
 type Tp = (String, i32);
 
-/// Which partitions are paused and why.
+/// Which partitions are paused and why, and where reading stands.
 #[derive(Debug, Default)]
 struct Pauses {
     /// The whole assignment is paused for lack of in-flight permits.
@@ -92,12 +157,16 @@ struct Pauses {
     held: HashMap<Tp, i64>,
     /// Lowest offset each paused partition was sought back to.
     rewound: HashMap<Tp, i64>,
+    /// The offset each partition reads next (one past the last record received, or where it was
+    /// sought to): a lane rewind only seeks backwards from here.
+    read_next: HashMap<Tp, i64>,
 }
 
 impl Pauses {
     fn forget(&mut self, tp: &Tp) {
         self.held.remove(tp);
         self.rewound.remove(tp);
+        self.read_next.remove(tp);
     }
 
     fn next_wake(&self) -> Option<i64> {
@@ -112,10 +181,34 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Consumer context: keeps the offset tracker and pause state in step with assignments.
+/// A record in memory with its ticket.
+#[derive(Debug)]
+struct Held {
+    record: OwnedMessage,
+    ticket: Ticket,
+}
+
+/// The bookkeeping shared by the poll loop, the lane dispatchers, the record tasks and the
+/// rebalance callbacks.
+struct Books {
+    tracker: Mutex<OffsetTracker>,
+    pauses: Mutex<Pauses>,
+    lanes: Mutex<Lanes<Held>>,
+}
+
+/// Adds a commit (offset and, when there is any, metadata) to `tpl`.
+fn add_commit(tpl: &mut TopicPartitionList, c: &Commit) {
+    let _ = tpl.add_partition_offset(&c.topic, c.partition, Offset::Offset(c.offset));
+    if !c.metadata.is_empty() {
+        if let Some(mut elem) = tpl.find_partition(&c.topic, c.partition) {
+            elem.set_metadata(&c.metadata);
+        }
+    }
+}
+
+/// Consumer context: keeps the offset tracker, pauses and lanes in step with assignments.
 pub struct TrackingContext {
-    tracker: Arc<Mutex<OffsetTracker>>,
-    pauses: Arc<Mutex<Pauses>>,
+    books: Arc<Books>,
 }
 
 impl ClientContext for TrackingContext {}
@@ -126,16 +219,14 @@ impl ConsumerContext for TrackingContext {
             Rebalance::Revoke(tpl) => {
                 let mut commit = TopicPartitionList::new();
                 {
-                    let mut tracker = lock(&self.tracker);
-                    let mut pauses = lock(&self.pauses);
+                    let mut tracker = lock(&self.books.tracker);
+                    let mut pauses = lock(&self.books.pauses);
+                    let mut lanes = lock(&self.books.lanes);
                     for elem in tpl.elements() {
                         pauses.forget(&(elem.topic().to_string(), elem.partition()));
-                        if let Some(position) = tracker.revoke(elem.topic(), elem.partition()) {
-                            let _ = commit.add_partition_offset(
-                                elem.topic(),
-                                elem.partition(),
-                                Offset::Offset(position),
-                            );
+                        lanes.revoke(elem.topic(), elem.partition());
+                        if let Some(c) = tracker.revoke(elem.topic(), elem.partition()) {
+                            add_commit(&mut commit, &c);
                         }
                     }
                 }
@@ -147,11 +238,33 @@ impl ConsumerContext for TrackingContext {
                 }
             }
             Rebalance::Assign(tpl) => {
-                let mut tracker = lock(&self.tracker);
-                let mut pauses = lock(&self.pauses);
+                // Where the previous owner left off, and what it finished above that.
+                let committed = match consumer.committed_offsets((*tpl).clone(), COMMITTED_TIMEOUT)
+                {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read committed offsets; records finished above them may be processed again");
+                        None
+                    }
+                };
+                let mut tracker = lock(&self.books.tracker);
+                let mut pauses = lock(&self.books.pauses);
                 for elem in tpl.elements() {
-                    pauses.forget(&(elem.topic().to_string(), elem.partition()));
-                    tracker.assign(elem.topic(), elem.partition());
+                    let (topic, partition) = (elem.topic(), elem.partition());
+                    pauses.forget(&(topic.to_string(), partition));
+                    let found = committed
+                        .as_ref()
+                        .and_then(|c| c.find_partition(topic, partition))
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some((o, e.metadata().to_string())),
+                            _ => None,
+                        });
+                    tracing::debug!(topic, partition, committed = ?found, "assigned");
+                    tracker.assign(
+                        topic,
+                        partition,
+                        found.as_ref().map(|(o, m)| (*o, m.as_str())),
+                    );
                 }
                 tracing::info!(partitions = tpl.count(), "partitions assigned");
             }
@@ -162,12 +275,23 @@ impl ConsumerContext for TrackingContext {
 
 type Inner = StreamConsumer<TrackingContext>;
 
-/// A group member consuming some topics with bounded parallelism and correct commits.
+/// A group member consuming some topics with bounded parallelism, lanes and correct commits.
 pub struct ParallelConsumer {
     consumer: Arc<Inner>,
-    tracker: Arc<Mutex<OffsetTracker>>,
-    pauses: Arc<Mutex<Pauses>>,
+    books: Arc<Books>,
     settings: ConsumerSettings,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// What the record tasks and lane dispatchers of a running consumer share.
+struct Runtime<H> {
+    handler: Arc<H>,
+    books: Arc<Books>,
+    permits: Arc<Semaphore>,
+    in_flight: Arc<AtomicUsize>,
+    rewinds: mpsc::UnboundedSender<Rewind>,
+    tasks: TaskTracker,
+    shutdown: CancellationToken,
 }
 
 impl ParallelConsumer {
@@ -177,96 +301,176 @@ impl ParallelConsumer {
         config: &rdkafka::ClientConfig,
         settings: ConsumerSettings,
     ) -> Result<Self, rdkafka::error::KafkaError> {
-        let tracker = Arc::new(Mutex::new(OffsetTracker::new()));
-        let pauses = Arc::new(Mutex::new(Pauses::default()));
+        let books = Arc::new(Books {
+            tracker: Mutex::new(OffsetTracker::new(settings.commit_metadata_max_bytes)),
+            pauses: Mutex::new(Pauses::default()),
+            lanes: Mutex::new(Lanes::new(settings.lane_buffer, settings.max_buffered)),
+        });
         let consumer: Inner = config.create_with_context(TrackingContext {
-            tracker: tracker.clone(),
-            pauses: pauses.clone(),
+            books: books.clone(),
         })?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(ParallelConsumer {
             consumer: Arc::new(consumer),
-            tracker,
-            pauses,
+            books,
             settings,
+            in_flight: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Records being worked on right now (a gauge for the global-parallelism API).
+    pub fn in_flight_gauge(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
     }
 
     /// Consumes until `shutdown`, then drains and commits.
     pub async fn run<H: RecordHandler>(self, handler: Arc<H>, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.settings.max_in_flight));
-        let tasks = TaskTracker::new();
+        let (rewind_tx, mut rewind_rx) = mpsc::unbounded_channel();
+        let rt = Arc::new(Runtime {
+            handler: handler.clone(),
+            books: self.books.clone(),
+            permits: Arc::new(Semaphore::new(self.settings.max_in_flight)),
+            in_flight: self.in_flight.clone(),
+            rewinds: rewind_tx,
+            tasks: TaskTracker::new(),
+            shutdown: shutdown.clone(),
+        });
         let committer = tokio::spawn(commit_loop(
             self.consumer.clone(),
-            self.tracker.clone(),
+            self.books.clone(),
             self.settings.commit_interval,
             shutdown.clone(),
         ));
-
-        'records: loop {
-            let Some(permit) = self.next_permit(&permits, &shutdown).await else {
-                break;
-            };
-            let record = loop {
-                let wake = lock(&self.pauses).next_wake();
-                let until_wake = wake.map(|w| {
-                    Duration::from_millis(u64::try_from(w - now_ms()).unwrap_or_default())
-                });
-                tokio::select! {
-                    received = self.consumer.recv() => match received {
-                        Ok(m) => {
-                            let tp = (m.topic().to_string(), m.partition());
-                            if lock(&self.pauses).held.contains_key(&tp) {
-                                self.hand_back(&m);
-                                continue;
-                            }
-                            match handler.admit(&m) {
-                                Admission::Now => break m.detach(),
-                                Admission::NotBefore(at) => {
-                                    self.hand_back(&m);
-                                    lock(&self.pauses).held.insert(tp, at);
-                                    tracing::trace!(topic = m.topic(), partition = m.partition(), offset = m.offset(), wake = at, "partition held until its head is due");
-                                }
-                            }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "consumer error"),
-                    },
-                    _ = tokio::time::sleep(until_wake.unwrap_or_default()), if until_wake.is_some() => {
-                        self.resume_due();
-                    }
-                    _ = shutdown.cancelled() => break 'records,
-                }
-            };
-            let ticket =
-                lock(&self.tracker).start(record.topic(), record.partition(), record.offset());
-            let (handler, tracker) = (handler.clone(), self.tracker.clone());
-            tasks.spawn(async move {
-                if handler.handle(record).await == Done::Finished {
-                    lock(&tracker).finish(&ticket);
-                }
-                drop(permit);
-            });
+        if let Some(changes) = handler.policy_changes() {
+            tokio::spawn(wake_lanes_on_change(
+                self.books.clone(),
+                changes,
+                shutdown.clone(),
+            ));
         }
 
-        tasks.close();
-        let in_flight = tasks.len();
+        loop {
+            let wake = lock(&self.books.pauses).next_wake();
+            let until_wake = wake
+                .map(|w| Duration::from_millis(u64::try_from(w - now_ms()).unwrap_or_default()));
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(rewind) = rewind_rx.recv() => self.rewind(&rewind),
+                _ = tokio::time::sleep(until_wake.unwrap_or_default()), if until_wake.is_some() => {
+                    self.resume_due();
+                }
+                received = self.consumer.recv() => match received {
+                    Ok(m) => {
+                        if !self.take(&m, &rt).await {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "kafka consumer error"),
+                },
+            }
+        }
+
+        rt.tasks.close();
+        let in_flight = rt.tasks.len();
         tracing::info!(in_flight, "consumer stopping; draining in-flight work");
-        if tokio::time::timeout(self.settings.shutdown_grace, tasks.wait())
+        if tokio::time::timeout(self.settings.shutdown_grace, rt.tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
-                unfinished = lock(&self.tracker).in_flight(),
+                unfinished = lock(&self.books.tracker).held_count(),
                 "shutdown grace elapsed; unfinished records are handed back uncommitted"
             );
         }
         let _ = committer.await;
         let consumer = self.consumer.clone();
-        let tracker = self.tracker.clone();
-        let _ = tokio::task::spawn_blocking(move || commit_due(&consumer, &tracker)).await;
+        let books = self.books.clone();
+        let _ = tokio::task::spawn_blocking(move || commit_due(&consumer, &books)).await;
         self.consumer.unsubscribe();
         tracing::info!("consumer stopped");
+    }
+
+    /// Takes one record read from Kafka: skip, hand back, start, or put in its lane. False on
+    /// shutdown.
+    async fn take<H: RecordHandler>(&self, m: &BorrowedMessage<'_>, rt: &Arc<Runtime<H>>) -> bool {
+        let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+        let tp = (topic.to_string(), partition);
+        {
+            let mut pauses = lock(&self.books.pauses);
+            if pauses.held.contains_key(&tp) {
+                drop(pauses);
+                self.hand_back(topic, partition, offset);
+                return true;
+            }
+            pauses.read_next.insert(tp.clone(), offset + 1);
+        }
+        match lock(&self.books.tracker).state(topic, partition, offset) {
+            OffsetState::Pending => {}
+            state => {
+                tracing::trace!(
+                    topic,
+                    partition,
+                    offset,
+                    ?state,
+                    "skipping a record already finished or in memory"
+                );
+                return true;
+            }
+        }
+        if let Admission::NotBefore(wake) = rt.handler.admit(m) {
+            lock(&self.books.pauses).held.insert(tp, wake);
+            self.hand_back(topic, partition, offset);
+            return true;
+        }
+        match rt.handler.lane(m) {
+            None => {
+                let Some(permit) = self.next_permit(&rt.permits, &rt.shutdown).await else {
+                    // Not held: read again by whoever consumes the partition next.
+                    return false;
+                };
+                let ticket = lock(&self.books.tracker).hold(topic, partition, offset);
+                let task = run_record(
+                    rt.clone(),
+                    Held {
+                        record: m.detach(),
+                        ticket,
+                    },
+                    Gate::none(),
+                    Some(permit),
+                    None,
+                );
+                rt.tasks.spawn(task);
+            }
+            Some(key) => {
+                let ticket = lock(&self.books.tracker).hold(topic, partition, offset);
+                let id = LaneId {
+                    topic: topic.to_string(),
+                    partition,
+                    key,
+                };
+                let held = Held {
+                    record: m.detach(),
+                    ticket,
+                };
+                let pushed = lock(&self.books.lanes).push(&id, offset, held);
+                match pushed {
+                    Pushed::Queued {
+                        start_dispatcher: Some(generation),
+                        ..
+                    } => {
+                        rt.tasks.spawn(dispatch(rt.clone(), id, generation));
+                    }
+                    Pushed::Queued { notify, .. } => notify.notify_one(),
+                    Pushed::Parked(held) => {
+                        tracing::debug!(topic, partition, offset, lane = %id.key, "lane full; record parked in Kafka");
+                        lock(&self.books.tracker).release(&held.ticket);
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// A permit for the next record; `None` on shutdown.
@@ -299,45 +503,78 @@ impl ParallelConsumer {
                 r = self.consumer.recv() => {
                     if let Ok(m) = r {
                         // Fetched before the pause took effect: read it again later.
-                        self.hand_back(&m);
+                        self.hand_back(m.topic(), m.partition(), m.offset());
                     }
                 }
                 _ = shutdown.cancelled() => break None,
             }
         };
         self.pause_all(false);
-        // This loop is the only place permits are taken, so after giving the freed ones back,
-        // one is certainly available.
-        drop(freed?);
-        permits.clone().try_acquire_owned().ok()
+        let freed = freed?;
+        // Keep one of the freed permits; give the others back.
+        let mut freed = freed;
+        let one = freed.split(1);
+        drop(freed);
+        one
     }
 
     /// Pauses the record's partition and seeks it back to the record, unless it was already
     /// sought back to an earlier offset.
-    fn hand_back(&self, m: &BorrowedMessage<'_>) {
-        let tp = (m.topic().to_string(), m.partition());
-        let mut pauses = lock(&self.pauses);
-        if pauses.rewound.get(&tp).is_some_and(|o| *o <= m.offset()) {
+    fn hand_back(&self, topic: &str, partition: i32, offset: i64) {
+        let tp = (topic.to_string(), partition);
+        let mut pauses = lock(&self.books.pauses);
+        if pauses.rewound.get(&tp).is_some_and(|o| *o <= offset) {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition(m.topic(), m.partition());
+        tpl.add_partition(topic, partition);
         if let Err(e) = self.consumer.pause(&tpl) {
-            tracing::warn!(error = %e, partition = m.partition(), "pause failed");
+            tracing::warn!(error = %e, partition, "pause failed");
         }
-        match self.consumer.seek(
-            m.topic(),
-            m.partition(),
-            Offset::Offset(m.offset()),
-            SEEK_TIMEOUT,
-        ) {
+        match self
+            .consumer
+            .seek(topic, partition, Offset::Offset(offset), SEEK_TIMEOUT)
+        {
             Ok(()) => {
-                pauses.rewound.insert(tp, m.offset());
+                pauses.rewound.insert(tp.clone(), offset);
+                pauses.read_next.insert(tp, offset);
             }
             Err(e) => {
                 // Without the seek the record would be skipped: fail loudly. It stays
-                // uncommitted (never started), so it is read again after a restart.
-                tracing::error!(error = %e, topic = m.topic(), partition = m.partition(), offset = m.offset(), "seek back failed");
+                // uncommitted (never held), so it is read again after a restart.
+                tracing::error!(error = %e, topic, partition, offset, "seek back failed");
+            }
+        }
+    }
+
+    /// Seeks a partition back so a parked lane takes its records again; only backwards from where
+    /// reading stands (records not read yet will come anyway).
+    fn rewind(&self, rewind: &Rewind) {
+        let tp = (rewind.topic.clone(), rewind.partition);
+        let mut pauses = lock(&self.books.pauses);
+        let Some(read_next) = pauses.read_next.get(&tp).copied() else {
+            return; // not ours any more, or nothing read yet
+        };
+        if rewind.offset >= read_next {
+            return;
+        }
+        match self.consumer.seek(
+            &rewind.topic,
+            rewind.partition,
+            Offset::Offset(rewind.offset),
+            SEEK_TIMEOUT,
+        ) {
+            Ok(()) => {
+                tracing::debug!(topic = %rewind.topic, partition = rewind.partition, offset = rewind.offset, "rewound for a parked lane");
+                pauses.read_next.insert(tp.clone(), rewind.offset);
+                if let Some(r) = pauses.rewound.get_mut(&tp) {
+                    *r = (*r).min(rewind.offset);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, topic = %rewind.topic, partition = rewind.partition, "rewind failed; will ask again");
+                drop(pauses);
+                lock(&self.books.lanes).rewind_failed(&rewind.topic, rewind.partition);
             }
         }
     }
@@ -345,7 +582,7 @@ impl ParallelConsumer {
     /// Resumes held partitions whose time has come (unless everything is paused).
     fn resume_due(&self) {
         let now = now_ms();
-        let mut pauses = lock(&self.pauses);
+        let mut pauses = lock(&self.books.pauses);
         let due: Vec<Tp> = pauses
             .held
             .iter()
@@ -376,7 +613,7 @@ impl ParallelConsumer {
                 return;
             }
         };
-        let mut pauses = lock(&self.pauses);
+        let mut pauses = lock(&self.books.pauses);
         pauses.all = paused;
         let result = if paused {
             self.consumer.pause(&assignment)
@@ -398,10 +635,137 @@ impl ParallelConsumer {
     }
 }
 
+/// The dispatcher of one lane: starts its records in order under its policy and gate, until the
+/// lane is empty (or gone).
+async fn dispatch<H: RecordHandler>(rt: Arc<Runtime<H>>, id: LaneId, generation: u64) {
+    loop {
+        let policy = rt.handler.policy(&id.key);
+        let (next, shed, rewind) = lock(&rt.books.lanes).next(&id, generation, policy);
+        if !shed.is_empty() {
+            let mut tracker = lock(&rt.books.tracker);
+            for held in &shed {
+                tracker.release(&held.ticket);
+            }
+            tracing::debug!(lane = %id.key, records = shed.len(), "lane paused; its records wait in Kafka");
+        }
+        if let Some(rewind) = rewind {
+            let _ = rt.rewinds.send(rewind);
+        }
+        match next {
+            Next::Exit => return,
+            Next::Wait(notify) => {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(POLICY_RECHECK) => {}
+                    _ = rt.shutdown.cancelled() => return,
+                }
+            }
+            Next::Start { offset, item } => {
+                let gate = tokio::select! {
+                    gate = rt.handler.gate(&item.record) => gate,
+                    _ = rt.shutdown.cancelled() => {
+                        lock(&rt.books.lanes).unstart(&id, generation, offset, item);
+                        return;
+                    }
+                };
+                let task = run_record(rt.clone(), item, gate, None, Some((id.clone(), generation)));
+                rt.tasks.spawn(task);
+            }
+        }
+    }
+}
+
+/// Works on one record until it is finished or handed back; a lane record asking to be tried
+/// again waits (holding its lane slot, not a delivery slot) and is tried again in place.
+async fn run_record<H: RecordHandler>(
+    rt: Arc<Runtime<H>>,
+    held: Held,
+    mut gate: Gate,
+    mut permit: Option<OwnedSemaphorePermit>,
+    lane: Option<(LaneId, u64)>,
+) {
+    let Held { mut record, ticket } = held;
+    loop {
+        let slot = match permit.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                p = rt.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = rt.shutdown.cancelled() => break,
+            },
+        };
+        rt.in_flight.fetch_add(1, Ordering::Relaxed);
+        let done = rt.handler.handle(record).await;
+        rt.in_flight.fetch_sub(1, Ordering::Relaxed);
+        drop(slot);
+        match done {
+            Done::Finished => {
+                lock(&rt.books.tracker).finish(&ticket);
+                break;
+            }
+            Done::HandedBack => break,
+            Done::Again {
+                at_ms,
+                record: again,
+            } => {
+                drop(std::mem::replace(&mut gate, Gate::none()));
+                let wait = Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0));
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = rt.shutdown.cancelled() => break,
+                }
+                if !lock(&rt.books.tracker).is_current(&ticket) {
+                    // Revoked meanwhile: the partition's next owner tries it (in order).
+                    break;
+                }
+                gate = tokio::select! {
+                    g = rt.handler.gate(&again) => g,
+                    _ = rt.shutdown.cancelled() => break,
+                };
+                record = again;
+            }
+        }
+    }
+    drop(gate);
+    if let Some((id, generation)) = lane {
+        let rewind = lock(&rt.books.lanes).finished(&id, generation);
+        if let Some(rewind) = rewind {
+            let _ = rt.rewinds.send(rewind);
+        }
+    }
+    // Room freed in the lanes may let parked lanes elsewhere come back.
+    let due = lock(&rt.books.lanes).rewinds_due();
+    for rewind in due {
+        let _ = rt.rewinds.send(rewind);
+    }
+}
+
+/// Wakes every lane dispatcher when lane policies change (a queue paused or resumed, a
+/// parallelism changed), so a change takes effect at once.
+async fn wake_lanes_on_change(
+    books: Arc<Books>,
+    mut changes: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                lock(&books.lanes).wake_all();
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 /// Commits finished positions every `interval` until `shutdown`.
 async fn commit_loop(
     consumer: Arc<Inner>,
-    tracker: Arc<Mutex<OffsetTracker>>,
+    books: Arc<Books>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
@@ -412,27 +776,28 @@ async fn commit_loop(
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let (c, t) = (consumer.clone(), tracker.clone());
-        let _ = tokio::task::spawn_blocking(move || commit_due(&c, &t)).await;
+        let (c, b) = (consumer.clone(), books.clone());
+        let _ = tokio::task::spawn_blocking(move || commit_due(&c, &b)).await;
     }
 }
 
-/// Synchronously commits every position that moved; blocking, so run it off the async threads.
-fn commit_due(consumer: &Inner, tracker: &Mutex<OffsetTracker>) {
-    let due = lock(tracker).due_commits();
+/// Synchronously commits every position (and metadata) that moved; blocking, so run it off the
+/// async threads.
+fn commit_due(consumer: &Inner, books: &Books) {
+    let due = lock(&books.tracker).due_commits();
     if due.is_empty() {
         return;
     }
     let mut tpl = TopicPartitionList::new();
-    for (topic, partition, position) in &due {
-        let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(*position));
+    for c in &due {
+        add_commit(&mut tpl, c);
     }
     match consumer.commit(&tpl, CommitMode::Sync) {
         Ok(()) => {
-            let mut t = lock(tracker);
-            for (topic, partition, position) in &due {
-                t.committed(topic, *partition, *position);
-                tracing::trace!(topic = %topic, partition, offset = position, "committed");
+            let mut t = lock(&books.tracker);
+            for c in &due {
+                t.committed(&c.topic, c.partition, c.offset, &c.metadata);
+                tracing::trace!(topic = %c.topic, partition = c.partition, offset = c.offset, metadata = %c.metadata, "committed");
             }
         }
         Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),

@@ -5,10 +5,13 @@
 //! that kstash sets itself is refused at start-up instead of silently winning or losing, so a
 //! config can never turn off `acks=all` or turn on auto-commit by accident.
 
+pub mod commit_metadata;
 pub mod consumer;
 pub mod embedded;
+pub mod lanes;
 pub mod offsets;
 pub mod producer;
+pub mod record;
 pub mod topics;
 
 use std::time::Duration;
@@ -18,7 +21,6 @@ use rdkafka::ClientConfig;
 use crate::config::KafkaConfig;
 
 pub use producer::Producer;
-pub use topics::TopicNames;
 
 /// The kind of client being configured; each sets its own owned keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Topic names and the idempotent start-up step that makes sure the topics exist.
+//! The idempotent start-up step that makes sure topics exist (which topics: `crate::topics`).
 //!
 //! Against a real cluster the AdminClient creates missing topics with the configured partitions,
 //! replication and topic configs ("already exists" is success), then reads metadata back to
@@ -14,52 +14,12 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use super::embedded::EmbeddedCluster;
 use super::{create_client, Role, SetupError};
-use crate::config::{Config, TopicConfig};
-use crate::delay::ladder::Ladder;
+use crate::config::KafkaConfig;
 
 /// How long admin and metadata calls may take at start-up.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often start-up re-reads metadata while waiting for new topics to appear.
 const METADATA_POLL_INTERVAL: Duration = Duration::from_millis(100);
-
-/// The full names of kstash's topics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicNames {
-    pub ready: String,
-    /// One per delay-ladder step, in step order.
-    pub delay: Vec<String>,
-    pub dlq: String,
-    pub cancellations: String,
-    pub dedup: String,
-    pub events: String,
-}
-
-impl TopicNames {
-    pub fn new(prefix: &str, ladder: &Ladder) -> Self {
-        TopicNames {
-            ready: format!("{prefix}ready"),
-            delay: ladder
-                .topic_suffixes()
-                .iter()
-                .map(|s| format!("{prefix}{s}"))
-                .collect(),
-            dlq: format!("{prefix}dlq"),
-            cancellations: format!("{prefix}state.cancellations"),
-            dedup: format!("{prefix}state.dedup"),
-            events: format!("{prefix}events"),
-        }
-    }
-
-    /// The names for `config`.
-    pub fn of(config: &Config) -> Self {
-        Self::new(&config.kafka.topic_prefix, &ladder(config))
-    }
-}
-
-/// The delay ladder of a validated config.
-pub fn ladder(config: &Config) -> Ladder {
-    Ladder::new(&config.delay.buckets).expect("validated configuration has a valid ladder")
-}
 
 /// One topic to make sure of.
 #[derive(Debug, Clone)]
@@ -69,33 +29,12 @@ pub struct TopicSpec {
     pub config: Vec<(String, String)>,
 }
 
-/// The topics `config` asks for, with full names.
-pub fn specs(config: &Config) -> Vec<TopicSpec> {
-    let names = TopicNames::of(config);
-    let spec = |name: String, t: &TopicConfig| TopicSpec {
-        name,
-        partitions: t.partitions,
-        config: t.config.clone().into_iter().collect(),
-    };
-    let mut specs = vec![
-        spec(names.ready, &config.topics.ready),
-        spec(names.events, &config.topics.events),
-        spec(names.dlq, &config.topics.dlq),
-        spec(names.cancellations, &config.topics.cancellations),
-        spec(names.dedup, &config.topics.dedup),
-    ];
-    specs.extend(
-        names
-            .delay
-            .into_iter()
-            .map(|n| spec(n, &config.topics.delay)),
-    );
-    specs
-}
-
 /// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists.
-pub async fn ensure(config: &Config, embedded: Option<&EmbeddedCluster>) -> Result<(), SetupError> {
-    let specs = specs(config);
+pub async fn ensure(
+    kafka: &KafkaConfig,
+    specs: Vec<TopicSpec>,
+    embedded: Option<&EmbeddedCluster>,
+) -> Result<(), SetupError> {
     match embedded {
         Some(cluster) => {
             for s in &specs {
@@ -104,18 +43,18 @@ pub async fn ensure(config: &Config, embedded: Option<&EmbeddedCluster>) -> Resu
                     .map_err(|e| SetupError::Topics(e.to_string()))?;
             }
         }
-        None if config.kafka.create_topics => create(config, &specs).await?,
+        None if kafka.create_topics => create(kafka, &specs).await?,
         None => {}
     }
-    let kafka = config.kafka.clone();
+    let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || check_exist(&kafka, &specs))
         .await
         .map_err(|e| SetupError::Topics(e.to_string()))?
 }
 
-async fn create(config: &Config, specs: &[TopicSpec]) -> Result<(), SetupError> {
-    let admin: AdminClient<DefaultClientContext> = create_client(&config.kafka, Role::Admin)?;
-    let replication = config.kafka.replication_factor;
+async fn create(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
+    let admin: AdminClient<DefaultClientContext> = create_client(kafka, Role::Admin)?;
+    let replication = kafka.replication_factor;
     let new_topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
@@ -143,7 +82,7 @@ async fn create(config: &Config, specs: &[TopicSpec]) -> Result<(), SetupError> 
 
 /// Waits (up to [`ADMIN_TIMEOUT`]) until every topic shows up in metadata: a real cluster
 /// propagates newly created topics to all brokers with a short lag.
-fn check_exist(kafka: &crate::config::KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
+fn check_exist(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
     let client: BaseConsumer = create_client(kafka, Role::Admin)?;
     let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
     for s in specs {

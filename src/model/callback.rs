@@ -10,7 +10,9 @@
 //!
 //! Design choices:
 //! - A callback message has no callbacks of its own, so callbacks can never chain or loop. It has
-//!   no labels and no caller IP either; the payload reports the source message's.
+//!   no labels and no caller IP either; the payload reports the source message's. It is in no
+//!   queue and under no flow control: it is a notification to the publisher's own endpoint, not
+//!   part of the source's ordered stream.
 //! - Its headers are the forwarded callback headers plus `Content-Type: application/json`
 //!   (the payload is JSON), unless the publisher forwarded a `Content-Type` of their own.
 //! - Settings the publisher left out are resolved at publish time (see `model::headers`), so the
@@ -91,6 +93,8 @@ impl Callback {
             caller_ip: None,
             callback: None,
             failure_callback: None,
+            queue_name: None,
+            flow_control: None,
         }
     }
 }

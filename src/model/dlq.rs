@@ -3,9 +3,12 @@
 //! Stored on the compacted `dlq` topic keyed by dlq id, so deleting an entry (or retrying it) is a
 //! tombstone and the topic converges to the live entries; schema `schemas/dlq.v1.json`.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{base64_bytes, Envelope, HeaderMap};
+use crate::kafka::record::JsonRecord;
 
 /// Schema version written by this build.
 pub const DLQ_VERSION: u32 = 1;
@@ -35,19 +38,21 @@ pub struct DlqRecord {
     pub error: String,
 }
 
-impl DlqRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a DLQ record always serialises")
+impl JsonRecord for DlqRecord {
+    const SCHEMA: &'static str = "dlq";
+    const VERSION: u32 = DLQ_VERSION;
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.dlq_id)
     }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    fn version(&self) -> u32 {
+        self.v
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::record::Record;
     use serde_json::Value;
 
     #[test]

@@ -1,17 +1,36 @@
 //! The envelope: one Kafka record per message, on the `ready` topic (and the delay and DLQ
-//! topics). Callback messages are envelopes too. It carries the body and every piece of metadata a stage needs, so no stage has
-//! to look anything up to deliver a message.
+//! topics). Callback messages are envelopes too. It carries the body and every piece of metadata
+//! a stage needs, so no stage has to look anything up to deliver a message.
 //!
 //! Design choice: the record value is JSON (schema `schemas/envelope.v1.json`) with the body in
 //! base64. JSON keeps the Kafka-native contract readable by any consumer without a schema
 //! registry; the 33 % size cost on bodies is accepted for now. `v` is the schema version: fields
 //! are only ever added as optional within a version; a reader refuses versions it does not know.
+//!
+//! The Kafka key is the message's *ordering key* ([`Envelope::ordering_key`]): `q:<queue>` for a
+//! queued message, else `f:<flow-control key>`, else the message id. One key lives on one
+//! partition, so one consumer owns a queue or a flow-control key, and the delivery stage reads the
+//! lane a record belongs to off its key alone. A message's flow-control settings also travel as
+//! Kafka headers ([`FLOW_CONTROL_KEY_HEADER`], [`FLOW_CONTROL_VALUE_HEADER`]), so the delivery
+//! stage can apply them before it decodes the value.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::callback::Callback;
+use super::flow::FlowControl;
+use crate::kafka::record::JsonRecord;
+
+/// Prefix of the ordering key of a queued message.
+pub const QUEUE_KEY_PREFIX: &str = "q:";
+/// Prefix of the ordering key of a message with flow control (and no queue).
+pub const FLOW_CONTROL_KEY_PREFIX: &str = "f:";
+/// Kafka header carrying the message's flow-control key.
+pub const FLOW_CONTROL_KEY_HEADER: &str = "kstash-flow-control-key";
+/// Kafka header carrying the message's flow-control values (canonical `FlowControl::value`).
+pub const FLOW_CONTROL_VALUE_HEADER: &str = "kstash-flow-control-value";
 
 /// Schema version written by this build.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -60,28 +79,44 @@ pub struct Envelope {
     /// `Upstash-Failure-Callback*`: called once, after the final failed attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_callback: Option<Callback>,
-}
-
-/// Reading a record that is not an envelope this build understands.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("envelope is not valid JSON: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("envelope version {0} is newer than this build understands ({ENVELOPE_VERSION})")]
-    Version(u32),
+    /// The FIFO queue the message was enqueued to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_name: Option<String>,
+    /// `Upstash-Flow-Control-Key` and `-Value`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_control: Option<FlowControl>,
 }
 
 impl Envelope {
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an envelope always serialises")
+    /// The Kafka key: the queue, else the flow-control key, else the message id (module doc).
+    pub fn ordering_key(&self) -> Cow<'_, str> {
+        match (&self.queue_name, &self.flow_control) {
+            (Some(queue), _) => Cow::Owned(format!("{QUEUE_KEY_PREFIX}{queue}")),
+            (None, Some(fc)) => Cow::Owned(format!("{FLOW_CONTROL_KEY_PREFIX}{}", fc.key)),
+            (None, None) => Cow::Borrowed(&self.message_id),
+        }
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        let envelope: Envelope = serde_json::from_slice(bytes)?;
-        if envelope.v > ENVELOPE_VERSION {
-            return Err(DecodeError::Version(envelope.v));
+    /// Kafka headers beside the value: the flow-control settings, if any.
+    pub fn kafka_headers(&self) -> Vec<(&'static str, String)> {
+        match &self.flow_control {
+            Some(fc) => vec![
+                (FLOW_CONTROL_KEY_HEADER, fc.key.clone()),
+                (FLOW_CONTROL_VALUE_HEADER, fc.value()),
+            ],
+            None => Vec::new(),
         }
-        Ok(envelope)
+    }
+}
+
+impl JsonRecord for Envelope {
+    const SCHEMA: &'static str = "envelope";
+    const VERSION: u32 = ENVELOPE_VERSION;
+    fn key(&self) -> Cow<'_, str> {
+        self.ordering_key()
+    }
+    fn version(&self) -> u32 {
+        self.v
     }
 }
 
@@ -128,12 +163,20 @@ pub(crate) fn sample() -> Envelope {
             retry_delay_expression: None,
             delay_ms: None,
         }),
+        queue_name: Some("orders".into()),
+        flow_control: Some(FlowControl {
+            key: "tenant-1".into(),
+            parallelism: Some(2),
+            rate: Some(10),
+            period_ms: 60_000,
+        }),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::record::{DecodeError, Record};
     use serde_json::Value;
 
     #[test]
@@ -148,8 +191,23 @@ mod tests {
         e.v = ENVELOPE_VERSION + 1;
         assert!(matches!(
             Envelope::decode(&e.encode()),
-            Err(DecodeError::Version(_))
+            Err(DecodeError::Version { .. })
         ));
+    }
+
+    #[test]
+    fn the_kafka_key_is_the_queue_then_the_flow_control_key_then_the_id() {
+        let mut e = sample();
+        assert_eq!(e.ordering_key(), "q:orders");
+        e.queue_name = None;
+        assert_eq!(e.ordering_key(), "f:tenant-1");
+        assert_eq!(
+            e.kafka_headers()[0],
+            (FLOW_CONTROL_KEY_HEADER, "tenant-1".into())
+        );
+        e.flow_control = None;
+        assert_eq!(e.ordering_key(), "msg_1");
+        assert!(e.kafka_headers().is_empty());
     }
 
     /// The schema under `schemas/` is the published contract: every field we write must be in
@@ -164,7 +222,7 @@ mod tests {
             schema["properties"]["v"]["const"].as_u64(),
             Some(u64::from(ENVELOPE_VERSION))
         );
-        for nested in ["callback", "failureCallback"] {
+        for nested in ["callback", "failureCallback", "flowControl"] {
             assert!(written.get(nested).is_some(), "sample() writes {nested}");
         }
     }

@@ -4,9 +4,12 @@
 //! The JSON shape follows the QStash log entry (`qstash-api.md` §2.12) so the logs API can serve
 //! records nearly as stored; schema `schemas/event.v1.json`.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{base64_bytes, Envelope, HeaderMap};
+use crate::kafka::record::JsonRecord;
 
 /// Schema version written by this build.
 pub const EVENT_VERSION: u32 = 1;
@@ -73,6 +76,23 @@ pub struct Event {
     /// IP address of the publisher.
     #[serde(rename = "callerIP", default, skip_serializing_if = "Option::is_none")]
     pub caller_ip: Option<String>,
+    /// The message's FIFO queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_name: Option<String>,
+    /// The message's flow-control key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow_control_key: Option<String>,
+}
+
+impl JsonRecord for Event {
+    const SCHEMA: &'static str = "event";
+    const VERSION: u32 = EVENT_VERSION;
+    fn key(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.message_id)
+    }
+    fn version(&self) -> u32 {
+        self.v
+    }
 }
 
 impl Event {
@@ -95,15 +115,9 @@ impl Event {
             next_delivery_time: None,
             labels: envelope.labels.clone(),
             caller_ip: envelope.caller_ip.clone(),
+            queue_name: envelope.queue_name.clone(),
+            flow_control_key: envelope.flow_control.as_ref().map(|fc| fc.key.clone()),
         }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("an event always serialises")
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
     }
 }
 
@@ -127,6 +141,7 @@ mod option_base64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kafka::record::Record;
     use serde_json::Value;
 
     #[test]

@@ -26,6 +26,7 @@ use axum::http::HeaderMap;
 use super::callback::Callback;
 use super::destination::validate_url;
 use super::envelope::HeaderMap as JsonHeaderMap;
+use super::flow::{FlowControl, FlowLimits};
 use super::retry::RetryDelayExpr;
 
 /// Prefix of headers forwarded to the destination with the prefix removed.
@@ -36,13 +37,15 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 pub const DEFAULT_METHOD: &str = "POST";
 
 /// Headers that are recognised but whose feature this build does not have yet.
-const NOT_YET_SUPPORTED: [&str; 5] = [
-    "upstash-flow-control-key",
-    "upstash-flow-control-value",
+const NOT_YET_SUPPORTED: [&str; 3] = [
     "upstash-redact-fields",
     "upstash-queue-name",
     "upstash-cron",
 ];
+/// `Upstash-Flow-Control-Key`, lower case.
+const FLOW_CONTROL_KEY: &str = "upstash-flow-control-key";
+/// `Upstash-Flow-Control-Value`, lower case.
+const FLOW_CONTROL_VALUE: &str = "upstash-flow-control-value";
 
 /// A header that cannot be accepted; the text goes to the client in a 400.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,6 +61,8 @@ pub struct Limits {
     pub default_retries: u32,
     /// Largest accepted `Upstash-Retries`.
     pub max_retries: u32,
+    /// Largest flow-control values.
+    pub flow: FlowLimits,
 }
 
 /// How a publish asks to be deduplicated.
@@ -88,6 +93,8 @@ pub struct PublishOptions {
     pub callback: Option<Callback>,
     /// `Upstash-Failure-Callback*`, settings resolved.
     pub failure_callback: Option<Callback>,
+    /// `Upstash-Flow-Control-Key` with `-Value`.
+    pub flow_control: Option<FlowControl>,
 }
 
 /// One of the two callback header families.
@@ -227,6 +234,8 @@ pub fn parse_publish(
     let mut not_before_secs: Option<i64> = None;
     let mut callback = CallbackHeaders::default();
     let mut failure_callback = CallbackHeaders::default();
+    let mut flow_key: Option<String> = None;
+    let mut flow_value: Option<String> = None;
     let mut options = PublishOptions {
         dedup: None,
         not_before: None,
@@ -238,6 +247,7 @@ pub fn parse_publish(
         retry_delay: None,
         callback: None,
         failure_callback: None,
+        flow_control: None,
     };
     for (name, value) in headers {
         let lower = name.as_str(); // http lower-cases names
@@ -319,6 +329,10 @@ pub fn parse_publish(
             }
             // An explicit id wins over content-based deduplication.
             options.dedup = Some(Dedup::Id(id.to_string()));
+        } else if lower == FLOW_CONTROL_KEY {
+            flow_key = Some(text()?.to_string());
+        } else if lower == FLOW_CONTROL_VALUE {
+            flow_value = Some(text()?.to_string());
         } else if NOT_YET_SUPPORTED.contains(&lower) {
             return Err(not_yet(lower));
         }
@@ -344,6 +358,20 @@ pub fn parse_publish(
         }
     }
     options.not_before = not_before;
+    options.flow_control = match (flow_key, flow_value) {
+        (Some(key), Some(value)) => Some(FlowControl::parse(&key, &value, &limits.flow)?),
+        (Some(_), None) => {
+            return Err(HeaderError(
+                "Upstash-Flow-Control-Key needs Upstash-Flow-Control-Value (parallelism=…, rate=…, period=…)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(HeaderError(
+                "Upstash-Flow-Control-Value needs Upstash-Flow-Control-Key".into(),
+            ))
+        }
+        (None, None) => None,
+    };
     options.callback = callback.resolve(&options);
     options.failure_callback = failure_callback.resolve(&options);
     Ok(options)
@@ -484,6 +512,11 @@ mod tests {
         max_delay: Duration::from_secs(7 * 86400),
         default_retries: 3,
         max_retries: 5,
+        flow: FlowLimits {
+            max_parallelism: 10,
+            max_rate: 100,
+            max_period: Duration::from_secs(7 * 86400),
+        },
     };
     const NOW: i64 = 1_700_000_000_000;
 
@@ -559,8 +592,6 @@ mod tests {
     #[test]
     fn unimplemented_features_are_refused_not_ignored() {
         for (k, v) in [
-            ("Upstash-Flow-Control-Key", "k"),
-            ("Upstash-Flow-Control-Value", "parallelism=1"),
             ("Upstash-Queue-Name", "q"),
             ("Upstash-Redact-Fields", "body"),
             ("Upstash-Cron", "* * * * *"),
@@ -576,6 +607,44 @@ mod tests {
             "False",
         )]))
         .unwrap();
+    }
+
+    #[test]
+    fn flow_control_needs_key_and_value() {
+        let o = parse_publish(&headers(&[
+            ("Upstash-Flow-Control-Key", "tenant-1"),
+            (
+                "Upstash-Flow-Control-Value",
+                "parallelism=2, rate=10, period=1m",
+            ),
+        ]))
+        .unwrap();
+        let fc = o.flow_control.expect("flow control");
+        assert_eq!(
+            (fc.key.as_str(), fc.parallelism, fc.rate, fc.period_ms),
+            ("tenant-1", Some(2), Some(10), 60_000)
+        );
+        for (pairs, needle) in [
+            (
+                &[("Upstash-Flow-Control-Key", "k")][..],
+                "needs Upstash-Flow-Control-Value",
+            ),
+            (
+                &[("Upstash-Flow-Control-Value", "rate=1")][..],
+                "needs Upstash-Flow-Control-Key",
+            ),
+            (
+                &[
+                    ("Upstash-Flow-Control-Key", "k"),
+                    ("Upstash-Flow-Control-Value", "rate=1000"),
+                ][..],
+                "maximum",
+            ),
+        ] {
+            let err = parse_publish(&headers(pairs)).expect_err(needle);
+            assert!(err.0.contains(needle), "{err}");
+        }
+        assert_eq!(parse_publish(&headers(&[])).unwrap().flow_control, None);
     }
 
     #[test]

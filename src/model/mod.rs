@@ -4,12 +4,16 @@
 //! and event types are the Kafka-native contract; their JSON Schemas live in `schemas/`.
 
 pub mod callback;
+pub mod cancel;
+pub mod dedup;
 pub mod destination;
 pub mod dlq;
 pub mod envelope;
 pub mod event;
+pub mod flow;
 pub mod headers;
 pub mod ids;
+pub mod queue;
 pub mod retry;
 
 /// `90s` → `90s`, `120s` → `2m`, `86400s` → `1d`, `1500ms` → `1500ms`: the largest unit that
@@ -51,6 +55,10 @@ pub(crate) mod schema_test {
             "envelope.v1.json" => include_str!("../../schemas/envelope.v1.json"),
             "event.v1.json" => include_str!("../../schemas/event.v1.json"),
             "dlq.v1.json" => include_str!("../../schemas/dlq.v1.json"),
+            "queue.v1.json" => include_str!("../../schemas/queue.v1.json"),
+            "flow_control.v1.json" => include_str!("../../schemas/flow_control.v1.json"),
+            "cancel.v1.json" => include_str!("../../schemas/cancel.v1.json"),
+            "dedup.v1.json" => include_str!("../../schemas/dedup.v1.json"),
             other => panic!("unknown schema {other}"),
         };
         serde_json::from_str(text).expect("schema is JSON")

@@ -1,11 +1,284 @@
 //! Materialised views of Kafka topics, for the read and bulk APIs and for the checks delivery
-//! makes before an attempt (cancellations).
+//! makes (cancellations, queue and flow-control settings, a message's progress).
 //!
-//! `store` is the local on-disk store (redb) and its queries; `tail` fills it from the topics and
-//! says when it has caught up. Kafka remains the only source of truth: a process's store is empty
-//! at start and rebuilt by reading the topics, so processes stay stateless and symmetric.
+//! Kafka remains the only source of truth: a process's views are empty at start and rebuilt by
+//! reading the topics (`tail`), so processes stay stateless and symmetric. What can grow with
+//! traffic (events, pending messages, the DLQ, cancellations, dedup keys) lives in the on-disk
+//! `store`; what is small and read on every delivery (queue and flow-control settings) lives in
+//! memory (`queues`, `flow`). API writes go through `writer`, which produces, waits for the ack and
+//! applies the same change locally, so a process reads its own writes at once.
+//!
+//! Adding a state topic: a record type in `model` (its schema), a [`Kind`] here with its
+//! [`StateRecord`] impl (its change), and the view that applies that change. The topic catalog,
+//! the tailer and the writer pick it up from [`Kind::ALL`].
 
+pub mod flow;
+pub mod queues;
 pub mod store;
 pub mod tail;
+pub mod writer;
 
-pub use store::{Change, DedupEntry, Store};
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::kafka::record::Record;
+use crate::model::cancel::CancelRecord;
+use crate::model::dedup::DedupRecord;
+use crate::model::dlq::DlqRecord;
+use crate::model::event::Event;
+use crate::model::flow::FlowControlRecord;
+use crate::model::queue::QueueRecord;
+pub use store::{Store, StoreError};
+
+/// A state-bearing topic: what it holds and which view it feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Events,
+    Dlq,
+    Cancellations,
+    Dedup,
+    Queues,
+    FlowControl,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::Events,
+        Kind::Dlq,
+        Kind::Cancellations,
+        Kind::Dedup,
+        Kind::Queues,
+        Kind::FlowControl,
+    ];
+
+    /// Its table in the configuration: `[topics.<key>]`.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            Kind::Events => "events",
+            Kind::Dlq => "dlq",
+            Kind::Cancellations => "cancellations",
+            Kind::Dedup => "dedup",
+            Kind::Queues => "queues",
+            Kind::FlowControl => "flow_control",
+        }
+    }
+
+    /// Its topic name after the prefix.
+    pub fn topic_suffix(self) -> &'static str {
+        match self {
+            Kind::Events => "events",
+            Kind::Dlq => "dlq",
+            Kind::Cancellations => "state.cancellations",
+            Kind::Dedup => "state.dedup",
+            Kind::Queues => "state.queues",
+            Kind::FlowControl => "state.flow_control",
+        }
+    }
+
+    /// The change a record of this kind stands for (`None`: it changes nothing).
+    pub fn decode(
+        self,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        partition: i32,
+        offset: i64,
+    ) -> Result<Option<Change>, String> {
+        let at = (key, value, partition, offset);
+        match self {
+            Kind::Events => decode_as::<Event>(at),
+            Kind::Dlq => decode_as::<DlqRecord>(at),
+            Kind::Cancellations => decode_as::<CancelRecord>(at),
+            Kind::Dedup => decode_as::<DedupRecord>(at),
+            Kind::Queues => decode_as::<QueueRecord>(at),
+            Kind::FlowControl => decode_as::<FlowControlRecord>(at),
+        }
+    }
+}
+
+fn decode_as<R: StateRecord>(
+    (key, value, partition, offset): (Option<&[u8]>, Option<&[u8]>, i32, i64),
+) -> Result<Option<Change>, String> {
+    match value {
+        Some(bytes) => R::decode(bytes)
+            .map(|r| Some(r.change(partition, offset)))
+            .map_err(|e| e.to_string()),
+        None => {
+            let key = key
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .ok_or_else(|| "tombstone without a UTF-8 key".to_string())?;
+            Ok(R::removal(key.to_string()))
+        }
+    }
+}
+
+/// A record type of a state-bearing topic: which topic, and what it changes in the views.
+pub trait StateRecord: Record {
+    const KIND: Kind;
+    /// The change this record stands for, stored at `partition`/`offset`.
+    fn change(self, partition: i32, offset: i64) -> Change;
+    /// The change a tombstone for `key` stands for; `None` where tombstones mean nothing.
+    fn removal(_key: String) -> Option<Change> {
+        None
+    }
+}
+
+impl StateRecord for Event {
+    const KIND: Kind = Kind::Events;
+    fn change(self, partition: i32, offset: i64) -> Change {
+        Change::Event {
+            event: Box::new(self),
+            partition,
+            offset,
+        }
+    }
+}
+
+impl StateRecord for DlqRecord {
+    const KIND: Kind = Kind::Dlq;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::Dlq {
+            dlq_id: self.dlq_id.clone(),
+            record: Some(Box::new(self)),
+        }
+    }
+    fn removal(dlq_id: String) -> Option<Change> {
+        Some(Change::Dlq {
+            dlq_id,
+            record: None,
+        })
+    }
+}
+
+impl StateRecord for CancelRecord {
+    const KIND: Kind = Kind::Cancellations;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::Cancelled {
+            message_id: self.message_id,
+            at_ms: self.requested_at,
+        }
+    }
+}
+
+impl StateRecord for DedupRecord {
+    const KIND: Kind = Kind::Dedup;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::Dedup {
+            key: self.key.clone(),
+            entry: Some(self),
+        }
+    }
+    fn removal(key: String) -> Option<Change> {
+        Some(Change::Dedup { key, entry: None })
+    }
+}
+
+impl StateRecord for QueueRecord {
+    const KIND: Kind = Kind::Queues;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::Queue {
+            name: self.name.clone(),
+            record: Some(self),
+        }
+    }
+    fn removal(name: String) -> Option<Change> {
+        Some(Change::Queue { name, record: None })
+    }
+}
+
+impl StateRecord for FlowControlRecord {
+    const KIND: Kind = Kind::FlowControl;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::FlowControl {
+            key: self.key.clone(),
+            record: Some(self),
+        }
+    }
+    fn removal(key: String) -> Option<Change> {
+        Some(Change::FlowControl { key, record: None })
+    }
+}
+
+/// One change read from (or written to) a state-bearing topic.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Event {
+        event: Box<Event>,
+        partition: i32,
+        offset: i64,
+    },
+    /// A DLQ record, or a tombstone for `dlq_id`.
+    Dlq {
+        dlq_id: String,
+        record: Option<Box<DlqRecord>>,
+    },
+    Cancelled {
+        message_id: String,
+        at_ms: i64,
+    },
+    /// A dedup key, or a tombstone.
+    Dedup {
+        key: String,
+        entry: Option<DedupRecord>,
+    },
+    /// A queue's settings, or its deletion.
+    Queue {
+        name: String,
+        record: Option<QueueRecord>,
+    },
+    /// A flow-control key's settings, or their removal.
+    FlowControl {
+        key: String,
+        record: Option<FlowControlRecord>,
+    },
+}
+
+/// Every view of a process.
+pub struct Views {
+    pub store: Arc<Store>,
+    pub queues: queues::QueueView,
+    pub flow: flow::FlowView,
+    /// Bumped whenever queue or flow-control settings change, so waiting lanes look again.
+    settings: watch::Sender<u64>,
+}
+
+impl Views {
+    pub fn new(store: Arc<Store>) -> Self {
+        Views {
+            store,
+            queues: queues::QueueView::default(),
+            flow: flow::FlowView::default(),
+            settings: watch::Sender::new(0),
+        }
+    }
+
+    /// Applies changes: the on-disk ones in one store transaction, the in-memory ones at once.
+    /// Every apply is idempotent (a process applies its own writes, then reads them again from
+    /// Kafka).
+    pub fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let mut settings_changed = false;
+        for change in changes {
+            match change {
+                Change::Queue { name, record } => {
+                    self.queues.apply(name, record.clone());
+                    settings_changed = true;
+                }
+                Change::FlowControl { key, record } => {
+                    self.flow.apply(key, record.clone());
+                    settings_changed = true;
+                }
+                Change::Event { event, .. } => self.flow.on_event(event),
+                _ => {}
+            }
+        }
+        if settings_changed {
+            self.settings.send_modify(|generation| *generation += 1);
+        }
+        self.store.apply(changes)
+    }
+
+    /// Notified whenever queue or flow-control settings change.
+    pub fn settings_changes(&self) -> watch::Receiver<u64> {
+        self.settings.subscribe()
+    }
+}

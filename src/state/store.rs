@@ -14,6 +14,9 @@ use redb::{
     ReadableTableMetadata, TableDefinition,
 };
 
+use super::Change;
+use crate::kafka::record::Record;
+use crate::model::dedup::DedupRecord;
 use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
@@ -31,8 +34,13 @@ const DLQ: TableDefinition<&str, &[u8]> = TableDefinition::new("dlq");
 const DLQ_BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("dlq_by_time");
 /// Cancelled message ids → when the cancel was requested (unix ms).
 const CANCELLED: TableDefinition<&str, i64> = TableDefinition::new("cancelled");
-/// Dedup keys → (message id, expires at unix ms) as JSON.
+/// Dedup keys → dedup record JSON.
 const DEDUP: TableDefinition<&str, &[u8]> = TableDefinition::new("dedup");
+/// Pending messages by queue: (queue name, message id) → (); a queue's lag.
+const PENDING_BY_QUEUE: TableDefinition<(&str, &str), ()> =
+    TableDefinition::new("pending_by_queue");
+/// Pending messages by flow-control key: (key, message id) → (); a key's wait list.
+const PENDING_BY_FLOW: TableDefinition<(&str, &str), ()> = TableDefinition::new("pending_by_flow");
 
 /// Bits of the event key below the time: 16 for the partition, 48 for the offset.
 const PARTITION_SHIFT: u32 = 48;
@@ -75,37 +83,17 @@ from_redb!(
     redb::CommitError
 );
 
-/// One change read from (or written to) a state-bearing topic.
-#[derive(Debug, Clone)]
-pub enum Change {
-    Event {
-        event: Box<Event>,
-        partition: i32,
-        offset: i64,
-    },
-    /// A DLQ record, or a tombstone for `dlq_id`.
-    Dlq {
-        dlq_id: String,
-        record: Option<Box<DlqRecord>>,
-    },
-    Cancelled {
-        message_id: String,
-        at_ms: i64,
-    },
-    /// A dedup key, or a tombstone.
-    Dedup {
-        key: String,
-        entry: Option<DedupEntry>,
-    },
-}
-
-/// What a dedup key points at.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct DedupEntry {
-    pub message_id: String,
-    pub url: String,
-    pub expires_at: i64,
+/// How far a message has come, as the events say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// No event of it seen (or only ones that say nothing about progress).
+    Unknown,
+    /// Created and not finished: attempts made so far and when the next is due (unix ms).
+    Pending { retried: u32, not_before: i64 },
+    /// Delivered or failed for good.
+    Finished,
+    /// A cancel was requested.
+    Cancelled,
 }
 
 /// Every this many commits one is `Durability::Eventual` instead of `None`: redb reuses freed
@@ -193,6 +181,8 @@ impl Store {
             tx.open_table(DLQ_BY_TIME)?;
             tx.open_table(CANCELLED)?;
             tx.open_table(DEDUP)?;
+            tx.open_table(PENDING_BY_QUEUE)?;
+            tx.open_table(PENDING_BY_FLOW)?;
         }
         f(&tx)?;
         tx.commit()?;
@@ -203,8 +193,7 @@ impl Store {
     pub fn message(&self, id: &str) -> Result<Option<Envelope>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(MESSAGES)?;
-        Ok(t.get(id)?
-            .and_then(|v| serde_json::from_slice(v.value()).ok()))
+        Ok(t.get(id)?.and_then(|v| Envelope::decode(v.value()).ok()))
     }
 
     /// Every pending message for which `keep` holds.
@@ -217,7 +206,7 @@ impl Store {
         let mut out = Vec::new();
         for entry in t.iter()? {
             let (_, v) = entry?;
-            if let Ok(e) = serde_json::from_slice::<Envelope>(v.value()) {
+            if let Ok(e) = Envelope::decode(v.value()) {
                 if keep(&e) {
                     out.push(e);
                 }
@@ -230,6 +219,52 @@ impl Store {
     pub fn is_cancelled(&self, id: &str) -> Result<bool, StoreError> {
         let tx = self.db.begin_read()?;
         Ok(tx.open_table(CANCELLED)?.get(id)?.is_some())
+    }
+
+    /// How far message `id` has come (one read transaction; checked before every attempt).
+    pub fn progress(&self, id: &str) -> Result<Progress, StoreError> {
+        let tx = self.db.begin_read()?;
+        if tx.open_table(CANCELLED)?.get(id)?.is_some() {
+            return Ok(Progress::Cancelled);
+        }
+        if let Some(v) = tx.open_table(MESSAGES)?.get(id)? {
+            if let Ok(m) = Envelope::decode(v.value()) {
+                return Ok(Progress::Pending {
+                    retried: m.retried,
+                    not_before: m.not_before,
+                });
+            }
+        }
+        let by_message = tx.open_multimap_table(EVENTS_BY_MESSAGE)?;
+        let events = tx.open_table(EVENTS)?;
+        for key in by_message.get(id)? {
+            if let Some(v) = events.get(key?.value())? {
+                if Event::decode(v.value()).is_ok_and(|e| e.state.is_terminal()) {
+                    return Ok(Progress::Finished);
+                }
+            }
+        }
+        Ok(Progress::Unknown)
+    }
+
+    /// Pending messages of queue `name` (its lag).
+    pub fn queue_lag(&self, name: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PENDING_BY_QUEUE)?;
+        Ok(t.range((name, "")..)?
+            .map_while(Result::ok)
+            .take_while(|(k, _)| k.value().0 == name)
+            .count() as u64)
+    }
+
+    /// Pending messages of flow-control key `key`.
+    pub fn flow_pending(&self, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(PENDING_BY_FLOW)?;
+        Ok(t.range((key, "")..)?
+            .map_while(Result::ok)
+            .take_while(|(k, _)| k.value().0 == key)
+            .count() as u64)
     }
 
     /// Events, newest first, with keys below `before` (all when `None`), for which `keep` holds,
@@ -321,11 +356,11 @@ impl Store {
     }
 
     /// The live dedup entry for `key` at `now_ms`.
-    pub fn dedup(&self, key: &str, now_ms: i64) -> Result<Option<DedupEntry>, StoreError> {
+    pub fn dedup(&self, key: &str, now_ms: i64) -> Result<Option<DedupRecord>, StoreError> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(DEDUP)?;
         Ok(t.get(key)?
-            .and_then(|v| serde_json::from_slice::<DedupEntry>(v.value()).ok())
+            .and_then(|v| DedupRecord::decode(v.value()).ok())
             .filter(|e| e.expires_at > now_ms))
     }
 
@@ -375,7 +410,7 @@ impl Store {
                 .iter()?
                 .filter_map(Result::ok)
                 .filter(|(_, v)| {
-                    serde_json::from_slice::<DedupEntry>(v.value())
+                    DedupRecord::decode(v.value())
                         .map(|e| e.expires_at <= now_ms)
                         .unwrap_or(true)
                 })
@@ -415,15 +450,15 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
             {
                 return Ok(());
             }
-            let mut messages = tx.open_table(MESSAGES)?;
             match event.state {
                 State::Created => {
                     if let Some(message) = &event.message {
-                        messages.insert(event.message_id.as_str(), message.encode().as_slice())?;
+                        put_pending(tx, message)?;
                     }
                 }
                 State::Retry => {
-                    let updated = messages
+                    let updated = tx
+                        .open_table(MESSAGES)?
                         .get(event.message_id.as_str())?
                         .and_then(|v| Envelope::decode(v.value()).ok())
                         .map(|mut m| {
@@ -432,11 +467,11 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
                             m
                         });
                     if let Some(m) = updated {
-                        messages.insert(event.message_id.as_str(), m.encode().as_slice())?;
+                        put_pending(tx, &m)?;
                     }
                 }
                 State::Delivered | State::Failed | State::CancelRequested | State::Canceled => {
-                    messages.remove(event.message_id.as_str())?;
+                    remove_pending(tx, &event.message_id)?;
                 }
                 State::Active | State::Error => {}
             }
@@ -458,19 +493,54 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
         Change::Cancelled { message_id, at_ms } => {
             tx.open_table(CANCELLED)?
                 .insert(message_id.as_str(), *at_ms)?;
-            tx.open_table(MESSAGES)?.remove(message_id.as_str())?;
+            remove_pending(tx, message_id)?;
         }
         Change::Dedup { key, entry } => {
             let mut dedup = tx.open_table(DEDUP)?;
             match entry {
                 Some(e) => {
-                    let json = serde_json::to_vec(e).expect("a dedup entry serialises");
-                    dedup.insert(key.as_str(), json.as_slice())?;
+                    dedup.insert(key.as_str(), e.encode().as_slice())?;
                 }
                 None => {
                     dedup.remove(key.as_str())?;
                 }
             }
+        }
+        // In-memory views (`Views::apply`).
+        Change::Queue { .. } | Change::FlowControl { .. } => {}
+    }
+    Ok(())
+}
+
+/// Stores `m` as pending, with its queue and flow-control index entries.
+fn put_pending(tx: &redb::WriteTransaction, m: &Envelope) -> Result<(), StoreError> {
+    let id = m.message_id.as_str();
+    tx.open_table(MESSAGES)?.insert(id, m.encode().as_slice())?;
+    if let Some(queue) = &m.queue_name {
+        tx.open_table(PENDING_BY_QUEUE)?
+            .insert((queue.as_str(), id), ())?;
+    }
+    if let Some(fc) = &m.flow_control {
+        tx.open_table(PENDING_BY_FLOW)?
+            .insert((fc.key.as_str(), id), ())?;
+    }
+    Ok(())
+}
+
+/// Removes a pending message and its index entries.
+fn remove_pending(tx: &redb::WriteTransaction, id: &str) -> Result<(), StoreError> {
+    let removed = tx
+        .open_table(MESSAGES)?
+        .remove(id)?
+        .and_then(|v| Envelope::decode(v.value()).ok());
+    if let Some(m) = removed {
+        if let Some(queue) = &m.queue_name {
+            tx.open_table(PENDING_BY_QUEUE)?
+                .remove((queue.as_str(), id))?;
+        }
+        if let Some(fc) = &m.flow_control {
+            tx.open_table(PENDING_BY_FLOW)?
+                .remove((fc.key.as_str(), id))?;
         }
     }
     Ok(())
@@ -510,7 +580,9 @@ mod tests {
         let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
         let put = |i: u32| Change::Dedup {
             key: "k".into(),
-            entry: Some(DedupEntry {
+            entry: Some(DedupRecord {
+                v: 1,
+                key: "k".into(),
                 message_id: format!("m{i}"),
                 url: "u".into(),
                 expires_at: 1,
@@ -640,7 +712,9 @@ mod tests {
         .unwrap();
         assert!(s.is_cancelled("a").unwrap());
         assert!(s.message("a").unwrap().is_none());
-        let entry = DedupEntry {
+        let entry = DedupRecord {
+            v: 1,
+            key: "k".into(),
             message_id: "a".into(),
             url: "u".into(),
             expires_at: 10,
@@ -652,5 +726,49 @@ mod tests {
         .unwrap();
         assert_eq!(s.dedup("k", 9).unwrap(), Some(entry));
         assert_eq!(s.dedup("k", 10).unwrap(), None, "expired");
+    }
+
+    #[test]
+    fn progress_queue_lag_and_flow_wait_list() {
+        let s = Store::create(None, TEST_CACHE_BYTES).unwrap();
+        // sample() is in queue "orders" with flow-control key "tenant-1".
+        s.apply(&[
+            ev(event("a", State::Created, 1), 0),
+            ev(event("b", State::Created, 2), 1),
+        ])
+        .unwrap();
+        assert_eq!(s.queue_lag("orders").unwrap(), 2);
+        assert_eq!(s.queue_lag("order").unwrap(), 0, "no prefix matches");
+        assert_eq!(s.flow_pending("tenant-1").unwrap(), 2);
+        assert_eq!(
+            s.progress("a").unwrap(),
+            Progress::Pending {
+                retried: 0,
+                not_before: 2
+            }
+        );
+        let mut retry = event("a", State::Retry, 3);
+        retry.retried = 2;
+        retry.next_delivery_time = Some(50);
+        s.apply(&[ev(retry, 2), ev(event("b", State::Delivered, 4), 3)])
+            .unwrap();
+        assert_eq!(
+            s.progress("a").unwrap(),
+            Progress::Pending {
+                retried: 2,
+                not_before: 50
+            }
+        );
+        assert_eq!(s.progress("b").unwrap(), Progress::Finished);
+        assert_eq!(s.progress("zz").unwrap(), Progress::Unknown);
+        assert_eq!(s.queue_lag("orders").unwrap(), 1);
+        s.apply(&[Change::Cancelled {
+            message_id: "a".into(),
+            at_ms: 5,
+        }])
+        .unwrap();
+        assert_eq!(s.progress("a").unwrap(), Progress::Cancelled);
+        assert_eq!(s.queue_lag("orders").unwrap(), 0);
+        assert_eq!(s.flow_pending("tenant-1").unwrap(), 0);
     }
 }

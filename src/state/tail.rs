@@ -1,10 +1,11 @@
-//! Tails the state-bearing topics (events, DLQ, cancellations, dedup) into the local [`Store`].
+//! Tails the state-bearing topics (every [`Kind`]) into the process's [`Views`].
 //!
 //! One plain consumer per process, assigned every partition of those topics from the beginning
 //! (no consumer group: every process needs everything). Records are applied in batches, one store
-//! transaction each. At start-up the tailer notes each partition's end offset; it is *caught up*
-//! once it has applied everything before those offsets, and the API serves only after that.
-//! It runs on a blocking thread until shutdown.
+//! transaction each; a batch the store could not take is applied again (after a pause) rather
+//! than dropped, so a view never silently misses a cancel. At start-up the tailer notes each
+//! partition's end offset; it is *caught up* once it has applied everything before those offsets,
+//! and the API serves only after that. It runs on a blocking thread until shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,11 +17,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::store::{Change, DedupEntry, Store};
+use super::{Kind, Views};
 use crate::config::KafkaConfig;
 use crate::kafka::{create_client, Role, SetupError};
-use crate::model::dlq::DlqRecord;
-use crate::model::event::Event;
 
 /// How long one poll waits for records.
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
@@ -32,21 +31,14 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 /// Progress is logged this often while catching up.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Wait before a batch the store refused is applied again.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
-/// What a state-bearing topic holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Events,
-    Dlq,
-    Cancellations,
-    Dedup,
-}
-
-/// Starts tailing `topics` into `store`; the returned channel turns `true` once caught up.
+/// Starts tailing `topics` into `views`; the returned channel turns `true` once caught up.
 pub fn start(
     kafka: &KafkaConfig,
     topics: Vec<(String, Kind)>,
-    store: Arc<Store>,
+    views: Arc<Views>,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<bool>, SetupError> {
     let mut config = kafka.clone();
@@ -73,7 +65,7 @@ pub fn start(
     }
     consumer.assign(&assignment)?;
     let (tx, rx) = watch::channel(remaining.is_empty());
-    tokio::task::spawn_blocking(move || run(consumer, kinds, remaining, store, tx, shutdown));
+    tokio::task::spawn_blocking(move || run(consumer, kinds, remaining, views, tx, shutdown));
     Ok(rx)
 }
 
@@ -99,7 +91,7 @@ fn run(
     consumer: BaseConsumer,
     kinds: HashMap<String, Kind>,
     mut remaining: HashMap<(String, i32), i64>,
-    store: Arc<Store>,
+    views: Arc<Views>,
     caught_up: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) {
@@ -126,7 +118,7 @@ fn run(
                     let Some(kind) = kinds.get(m.topic()) else {
                         continue;
                     };
-                    match decode(*kind, &m) {
+                    match kind.decode(m.key(), m.payload(), m.partition(), m.offset()) {
                         Ok(Some(change)) => batch.push(change),
                         Ok(None) => {}
                         Err(e) => {
@@ -143,8 +135,12 @@ fn run(
         }
         if !batch.is_empty() {
             applied += batch.len() as u64;
-            if let Err(e) = store.apply(&batch) {
-                tracing::error!(error = %e, "state store write failed");
+            while let Err(e) = views.apply(&batch) {
+                tracing::error!(error = %e, "state store write failed; applying the batch again");
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                std::thread::sleep(STORE_RETRY);
             }
         }
         if !*caught_up.borrow() {
@@ -165,57 +161,4 @@ fn run(
             }
         }
     }
-}
-
-/// The change a record stands for; `None` for records that change nothing.
-fn decode<M: Message>(kind: Kind, m: &M) -> Result<Option<Change>, String> {
-    let key = || {
-        m.key()
-            .and_then(|k| std::str::from_utf8(k).ok())
-            .map(String::from)
-            .ok_or_else(|| "record without a UTF-8 key".to_string())
-    };
-    let payload = m.payload();
-    Ok(Some(match kind {
-        Kind::Events => {
-            let Some(p) = payload else { return Ok(None) };
-            Change::Event {
-                event: Box::new(Event::decode(p).map_err(|e| e.to_string())?),
-                partition: m.partition(),
-                offset: m.offset(),
-            }
-        }
-        Kind::Dlq => Change::Dlq {
-            dlq_id: key()?,
-            record: match payload {
-                Some(p) => Some(Box::new(DlqRecord::decode(p).map_err(|e| e.to_string())?)),
-                None => None,
-            },
-        },
-        Kind::Cancellations => {
-            let Some(p) = payload else { return Ok(None) };
-            let c: CancelRecord = serde_json::from_slice(p).map_err(|e| e.to_string())?;
-            Change::Cancelled {
-                message_id: c.message_id,
-                at_ms: c.requested_at,
-            }
-        }
-        Kind::Dedup => Change::Dedup {
-            key: key()?,
-            entry: match payload {
-                Some(p) => {
-                    Some(serde_json::from_slice::<DedupEntry>(p).map_err(|e| e.to_string())?)
-                }
-                None => None,
-            },
-        },
-    }))
-}
-
-/// Value of a cancellation record (key: the message id).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CancelRecord {
-    pub message_id: String,
-    pub requested_at: i64,
 }

@@ -7,6 +7,8 @@
 //! deadline), never a bare sleep.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod serve;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -105,12 +107,7 @@ impl TestKafka {
         } else {
             Duration::from_secs(2)
         };
-        c.topics.ready.partitions = TEST_PARTITIONS;
-        c.topics.events.partitions = TEST_PARTITIONS;
-        c.topics.delay.partitions = TEST_PARTITIONS;
-        c.topics.dlq.partitions = TEST_PARTITIONS;
-        c.topics.cancellations.partitions = TEST_PARTITIONS;
-        c.topics.dedup.partitions = TEST_PARTITIONS;
+        c.set_partitions(TEST_PARTITIONS);
         c.dev.partitions = TEST_PARTITIONS;
         c.delivery.commit_interval = Duration::from_millis(100);
         c.delivery.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
@@ -129,7 +126,7 @@ impl TestKafka {
     /// cluster, where only the mock API can create topics).
     pub fn create_topics(&self, config: &Config) {
         if let Some(cluster) = &self.embedded {
-            for spec in kstash::kafka::topics::specs(config) {
+            for spec in kstash::topics::specs(config) {
                 cluster.create_topic(&spec.name, spec.partitions).unwrap();
             }
         }
@@ -165,6 +162,29 @@ impl TestKafka {
             }
         }
         records
+    }
+
+    /// Committed offset and metadata of consumer group `group` for partition `partition` of
+    /// `topic` (`None` when nothing is committed).
+    pub fn committed_with_metadata(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> Option<(i64, String)> {
+        let mut c = self.client_config();
+        c.set("group.id", group);
+        let consumer: BaseConsumer = c.create().unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .ok()?;
+        let elem = committed.find_partition(topic, partition)?;
+        match elem.offset() {
+            Offset::Offset(o) => Some((o, elem.metadata().to_string())),
+            _ => None,
+        }
     }
 
     /// Committed offset of the delivery group per partition of `topic`, and the high watermarks.
@@ -264,6 +284,8 @@ struct ReceiverState {
     tx: mpsc::UnboundedSender<Received>,
     script: Arc<Mutex<Script>>,
     attempts: Mutex<HashMap<String, usize>>,
+    /// Requests being answered now, and the most at once so far.
+    active: Arc<(AtomicU64, AtomicU64)>,
 }
 
 /// A local HTTP endpoint that records every request and answers as scripted.
@@ -271,6 +293,7 @@ pub struct Receiver {
     pub addr: SocketAddr,
     rx: mpsc::UnboundedReceiver<Received>,
     script: Arc<Mutex<Script>>,
+    active: Arc<(AtomicU64, AtomicU64)>,
     /// Deliveries per message id, over the receiver's whole life.
     seen: HashMap<String, usize>,
 }
@@ -279,10 +302,12 @@ impl Receiver {
     pub async fn start() -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let script = Arc::new(Mutex::new(Script::ok()));
+        let active = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
         let state = Arc::new(ReceiverState {
             tx,
             script: script.clone(),
             attempts: Mutex::new(HashMap::new()),
+            active: active.clone(),
         });
         let app = Router::new().fallback(record).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -292,8 +317,14 @@ impl Receiver {
             addr,
             rx,
             script,
+            active,
             seen: HashMap::new(),
         }
+    }
+
+    /// The most requests this receiver was answering at the same time.
+    pub fn max_concurrent(&self) -> u64 {
+        self.active.1.load(Ordering::SeqCst)
     }
 
     pub fn set(&self, script: Script) {
@@ -367,6 +398,8 @@ async fn record(
         *n += 1;
         *n
     };
+    let now_active = state.active.0.fetch_add(1, Ordering::SeqCst) + 1;
+    state.active.1.fetch_max(now_active, Ordering::SeqCst);
     let _ = state.tx.send(Received {
         method,
         uri,
@@ -378,6 +411,7 @@ async fn record(
     if !script.delay.is_zero() {
         tokio::time::sleep(script.delay).await;
     }
+    state.active.0.fetch_sub(1, Ordering::SeqCst);
     if attempt <= script.fail_first {
         let mut response = StatusCode::from_u16(script.fail_status)
             .unwrap()
@@ -409,6 +443,14 @@ impl Api {
         }
     }
 
+    /// The address this client talks to.
+    pub fn addr(&self) -> SocketAddr {
+        self.base
+            .trim_start_matches("http://")
+            .parse()
+            .expect("an address")
+    }
+
     /// Publishes `body` to `destination` with extra headers; returns status and JSON body.
     pub async fn publish(
         &self,
@@ -416,9 +458,21 @@ impl Api {
         body: impl Into<reqwest::Body>,
         headers: &[(&str, &str)],
     ) -> (u16, serde_json::Value) {
+        self.publish_path(&format!("/v2/publish/{destination}"), body, headers)
+            .await
+    }
+
+    /// POSTs `body` to `path` (a publish or enqueue path with its raw destination) with extra
+    /// headers; returns status and JSON body.
+    pub async fn publish_path(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> (u16, serde_json::Value) {
         let mut req = self
             .http
-            .post(format!("{}/v2/publish/{destination}", self.base))
+            .post(format!("{}{path}", self.base))
             .bearer_auth(TOKEN)
             .body(body);
         for (k, v) in headers {
@@ -486,7 +540,7 @@ impl Api {
 pub fn event_states(records: &[Vec<u8>], id: &str) -> Vec<kstash::model::event::State> {
     records
         .iter()
-        .map(|r| kstash::model::event::Event::decode(r).unwrap())
+        .map(|r| <kstash::model::event::Event as kstash::kafka::record::Record>::decode(r).unwrap())
         .filter(|e| e.message_id == id)
         .map(|e| e.state)
         .collect()

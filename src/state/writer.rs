@@ -1,0 +1,93 @@
+//! Every write the API makes: produce → wait for Kafka's acknowledgement → apply the same change
+//! to this process's views.
+//!
+//! Design choice: one service owns that sequence, so API handlers only parse and render, and the
+//! rules hold everywhere: nothing is answered as stored before Kafka acknowledged it (`acks=all`),
+//! and once Kafka has, the write *is* stored: a local view that cannot take the change right now is
+//! logged, not reported to the client (the tailer applies the record when it reads it back), so
+//! a client is never told to retry something that was stored.
+
+use std::sync::Arc;
+
+use rdkafka::error::KafkaError;
+
+use super::{Change, StateRecord, Views};
+use crate::delay::Router;
+use crate::kafka::producer::Ack;
+use crate::kafka::Producer;
+use crate::model::envelope::Envelope;
+use crate::model::event::{Event, State};
+use crate::topics::TopicNames;
+
+/// Produces API writes and applies them locally.
+#[derive(Clone)]
+pub struct Writer {
+    producer: Producer,
+    router: Router,
+    names: TopicNames,
+    views: Arc<Views>,
+}
+
+impl Writer {
+    pub fn new(producer: Producer, router: Router, names: TopicNames, views: Arc<Views>) -> Self {
+        Writer {
+            producer,
+            router,
+            names,
+            views,
+        }
+    }
+
+    pub fn views(&self) -> &Arc<Views> {
+        &self.views
+    }
+
+    /// Stores `record` on its state topic, then applies it to the local views.
+    pub async fn put<R: StateRecord>(&self, record: R) -> Result<Ack, KafkaError> {
+        let ack = self
+            .producer
+            .send(self.names.state(R::KIND), &record, &[])
+            .await?;
+        self.apply(vec![record.change(ack.partition, ack.offset)])
+            .await;
+        Ok(ack)
+    }
+
+    /// Removes `key` from `R`'s compacted topic (a tombstone), then from the local views.
+    pub async fn remove<R: StateRecord>(&self, key: &str) -> Result<Ack, KafkaError> {
+        let ack = self
+            .producer
+            .tombstone(self.names.state(R::KIND), key)
+            .await?;
+        if let Some(change) = R::removal(key.to_string()) {
+            self.apply(vec![change]).await;
+        }
+        Ok(ack)
+    }
+
+    /// Stores a new message: the envelope where it belongs now (the ready topic, or the delay
+    /// ladder when it is due later) and its CREATED event, produced together. Fails only when
+    /// the envelope was not stored; a lost CREATED event costs a log line, not a message.
+    pub async fn accept(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
+        let mut created = Event::new(envelope, State::Created, envelope.created_at);
+        // CREATED carries the whole message, for the message and log APIs.
+        created.message = Some(Box::new(envelope.clone()));
+        let (stored, event) = tokio::join!(self.router.send(envelope), self.put(created));
+        if let Err(e) = event {
+            tracing::warn!(message_id = %envelope.message_id, error = %e, "CREATED event not recorded");
+        }
+        stored
+    }
+
+    /// Applies changes whose records Kafka acknowledged; a failure is logged (module doc).
+    async fn apply(&self, changes: Vec<Change>) {
+        let views = self.views.clone();
+        match tokio::task::spawn_blocking(move || views.apply(&changes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "local view not updated yet; the tailer will apply the stored record")
+            }
+            Err(e) => tracing::warn!(error = %e, "local view update did not run"),
+        }
+    }
+}
