@@ -7,6 +7,7 @@
 //! cargo run --release --example bench -- delay      [--mode dev|serve] ...
 //! cargo run --release --example bench -- memory     [--mode dev|serve] ...
 //! cargo run --release --example bench -- throughput [--mode dev|serve] ...
+//! cargo run --release --example bench -- order      [--mode dev|serve] ...
 //! scripts/with-kafka.sh cargo run --release --example bench -- throughput --mode serve
 //! ```
 //!
@@ -19,6 +20,17 @@
 //!   the control: the same publishes, delivered at once.
 //! - `throughput`: N publishes with C concurrent clients to an immediate destination: publishes/s,
 //!   publish latency, publish→delivery latency.
+//! - `order`: FIFO queues and flow control (needs a build with queues, commit 4960844 or later).
+//!   FIFO: Q queues of parallelism 1, N messages each, enqueued (`POST /v2/enqueue/<queue>/…`) in
+//!   order by one client per queue, all queues at once; the body carries (queue, sequence). It
+//!   reports enqueues/s, deliveries/s, publish→delivery latency, duplicates and **order
+//!   violations**: first deliveries whose sequence is below one already delivered for their queue
+//!   (must be 0). Then the same with queues of parallelism P > 1 (order not promised: "n/a").
+//!   Flow control: M messages published at once with one `Upstash-Flow-Control-Key` and
+//!   `rate=R, period=<p>`: the achieved starts/s at the receiver against the limit, and the most
+//!   arrivals in any window of one period (kstash promises at most R plus a burst of 10 ms worth
+//!   of starts, at least 1). Then a key with `parallelism=K` and a receiver that holds every
+//!   request for a while: the most requests the receiver had open at once (must be ≤ K).
 //!
 //! `scripts/bench.sh` runs all of them on both brokers; BENCHMARKS.md has the results.
 //!
@@ -53,7 +65,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 #[derive(Parser)]
 #[command(
     name = "bench",
-    about = "kstash benchmarks: delay lateness, memory vs delayed backlog, publish throughput"
+    about = "kstash benchmarks: delay lateness, memory vs delayed backlog, publish throughput, \
+             FIFO order and flow control"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -68,6 +81,8 @@ enum Bench {
     Memory(MemoryArgs),
     /// Publish throughput, publish latency and publish→delivery latency at a concurrency.
     Throughput(ThroughputArgs),
+    /// FIFO queues (order violations, duplicates, rates) and flow-control limits (rate, parallelism).
+    Order(OrderArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
@@ -90,7 +105,8 @@ struct Common {
     #[arg(long, default_value = "target/release/kstash")]
     bin: PathBuf,
     /// Partitions of every topic (serve: topics.*.partitions; dev: dev.partitions). Default:
-    /// kstash's own defaults.
+    /// kstash's own defaults. With --mode serve this sets the queues and flow_control topics too,
+    /// which builds before 4960844 do not know (they refuse the config).
     #[arg(long)]
     partitions: Option<u32>,
     /// RUST_LOG of the kstash process (its log goes to a file in the scratch directory).
@@ -185,6 +201,56 @@ struct ThroughputArgs {
     grace: Duration,
 }
 
+#[derive(Args)]
+struct OrderArgs {
+    #[command(flatten)]
+    common: Common,
+    /// FIFO part: number of queues (parallelism 1), all enqueued to at the same time.
+    #[arg(long, default_value_t = 8)]
+    queues: usize,
+    /// Messages per queue, enqueued in order by one client per queue (each waits for its response).
+    #[arg(long, default_value_t = 500)]
+    per_queue: usize,
+    /// Parallelism of the queues in the second FIFO run (order is not promised there; no
+    /// violation count). 1 skips that run.
+    #[arg(long, default_value_t = 4)]
+    queue_parallelism: u32,
+    /// Flow-control part: attempt starts allowed per --fc-period for one key...
+    #[arg(long, default_value_t = 50)]
+    fc_rate: u32,
+    /// ...(the period)...
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    fc_period: Duration,
+    /// ...and the messages published at once with that limit.
+    #[arg(long, default_value_t = 500)]
+    fc_messages: usize,
+    /// Parallelism check: the parallelism of a second key...
+    #[arg(long, default_value_t = 4)]
+    fc_parallelism: u32,
+    /// ...how long the receiver holds each of its requests before answering...
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "200ms")]
+    fc_hold: Duration,
+    /// ...and the messages published at once with that limit.
+    #[arg(long, default_value_t = 100)]
+    fc_parallelism_messages: usize,
+    /// Concurrent publishing clients of the warm-up and the flow-control part.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Body size of each message (bytes; the id, queue and sequence take the first few).
+    #[arg(long, default_value_t = 64)]
+    body_bytes: usize,
+    /// Immediate messages (no queue, no flow control) published and delivered first, not counted.
+    #[arg(long, default_value_t = 100)]
+    warmup: usize,
+    /// How long to wait for missing deliveries, after the last publish (plus, for the flow-control
+    /// part, the time its limit needs).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    grace: Duration,
+    /// Extra wait after each part's last delivery, to catch duplicates.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    linger: Duration,
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let bench = async {
@@ -192,6 +258,7 @@ async fn main() -> Result<()> {
             Bench::Delay(a) => delay_bench(a).await,
             Bench::Memory(a) => memory_bench(a).await,
             Bench::Throughput(a) => throughput_bench(a).await,
+            Bench::Order(a) => order_bench(a).await,
         }
     };
     // On Ctrl-C or SIGTERM the benchmark future is dropped, which kills kstash (see `Drop`).
@@ -228,6 +295,8 @@ async fn delay_bench(a: DelayArgs) -> Result<()> {
                 body_bytes: 16,
                 concurrency: a.concurrency,
                 rate: None,
+                route: None,
+                streams: None,
             })
             .await?;
         receiver
@@ -254,6 +323,8 @@ async fn delay_bench(a: DelayArgs) -> Result<()> {
             body_bytes: 16,
             concurrency: a.concurrency,
             rate,
+            route: None,
+            streams: None,
         })
         .await?;
     let max_delay = a.delays.iter().max().copied().unwrap_or_default();
@@ -462,6 +533,8 @@ async fn memory_bench(a: MemoryArgs) -> Result<()> {
                 body_bytes: a.body_bytes,
                 concurrency: a.concurrency,
                 rate: None,
+                route: None,
+                streams: None,
             })
             .await?;
         receiver
@@ -499,6 +572,8 @@ async fn memory_bench(a: MemoryArgs) -> Result<()> {
                 body_bytes: a.body_bytes,
                 concurrency: a.concurrency,
                 rate: None,
+                route: None,
+                streams: None,
             })
             .await?;
         errors += run.errors;
@@ -600,6 +675,8 @@ async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
                 body_bytes: a.body_bytes,
                 concurrency: a.concurrency,
                 rate: None,
+                route: None,
+                streams: None,
             })
             .await?;
         receiver
@@ -621,6 +698,8 @@ async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
             body_bytes: a.body_bytes,
             concurrency: a.concurrency,
             rate: None,
+            route: None,
+            streams: None,
         })
         .await?;
     let waited = receiver
@@ -684,6 +763,407 @@ async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
     kstash.stop().await?;
     println!("{out}");
     Ok(())
+}
+
+async fn order_bench(a: OrderArgs) -> Result<()> {
+    if a.queues == 0 || a.per_queue == 0 || a.fc_rate == 0 || a.fc_parallelism == 0 {
+        bail!("--queues, --per-queue, --fc-rate and --fc-parallelism must be at least 1");
+    }
+    if a.fc_period.is_zero() {
+        bail!("--fc-period must be positive");
+    }
+    let clock = Instant::now();
+    let kstash = Kstash::spawn(&a.common).await?;
+    if a.warmup > 0 {
+        let receiver = Receiver::start(clock, a.warmup).await?;
+        let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
+        let run = publisher
+            .publish(PublishJob {
+                label: "order warm-up",
+                first_id: 0,
+                count: a.warmup,
+                delay: Arc::new(|_| None),
+                body_bytes: a.body_bytes,
+                concurrency: a.concurrency,
+                rate: None,
+                route: None,
+                streams: None,
+            })
+            .await?;
+        receiver
+            .wait_for(run.ok_count(), a.grace, "order warm-up")
+            .await;
+    }
+
+    let mut fifo = vec![fifo_run(&a, &kstash, clock, "fifo", 1).await?];
+    if a.queue_parallelism > 1 {
+        fifo.push(fifo_run(&a, &kstash, clock, "fifo-par", a.queue_parallelism).await?);
+    }
+    let rate = fc_rate_run(&a, &kstash, clock).await?;
+    let parallel = fc_parallelism_run(&a, &kstash, clock).await?;
+
+    let mut out = String::new();
+    out += &format!("{}\n\n", environment(&a.common, &kstash));
+    out += &format!(
+        "order: {} warm-up messages first (no queue, not counted); {}-byte bodies; each part \
+         waits for its deliveries (at most {} s more than it needs), then {} s for duplicates\n\n",
+        a.warmup,
+        a.body_bytes,
+        a.grace.as_secs(),
+        a.linger.as_secs_f64()
+    );
+    out += "FIFO queues: `POST /v2/enqueue/<queue>/…`, one client per queue publishing its \
+            messages in order (each waits for the previous response), all queues at once. Order \
+            violations = first deliveries whose sequence is below one already delivered for their \
+            queue (must be 0 at parallelism 1; not promised above it: n/a).\n\n";
+    out += "| queues | parallelism | messages | enqueue errors | enqueues/s | enqueue p50 (ms) | enqueue p99 (ms) | delivered | deliveries/s (first send → last arrival) | publish→delivery p50 (ms) | p99 (ms) | max (ms) | duplicates | order violations | kstash CPU (s) |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    for f in &fifo {
+        out += &f.row;
+    }
+    for f in &fifo {
+        out += &f.notes;
+    }
+    out += "\n";
+    out += &rate;
+    out += "\n";
+    out += &parallel;
+    out += &kstash.log_summary();
+    kstash.stop().await?;
+    println!("{out}");
+    Ok(())
+}
+
+/// One FIFO run: its table row and the notes under the table.
+struct FifoReport {
+    row: String,
+    notes: String,
+}
+
+/// Queues `<label>-0..` with `parallelism`, `--per-queue` messages each, enqueued in order.
+async fn fifo_run(
+    a: &OrderArgs,
+    kstash: &Kstash,
+    clock: Instant,
+    label: &'static str,
+    parallelism: u32,
+) -> Result<FifoReport> {
+    let (queues, per) = (a.queues, a.per_queue);
+    let total = queues * per;
+    let receiver = Receiver::start(clock, total).await?;
+    let publisher = Publisher::new(kstash, &receiver, queues)?;
+    let prefix = format!("bench-{label}");
+    for q in 0..queues {
+        publisher
+            .post_json(
+                "/v2/queues",
+                serde_json::json!({ "queueName": format!("{prefix}-{q}"), "parallelism": parallelism }),
+            )
+            .await?;
+    }
+    progress(format!(
+        "{label}: {queues} queues of parallelism {parallelism}, {per} messages each, one client per queue"
+    ));
+    let cpu = CpuMeter::start(kstash)?;
+    let route_prefix = prefix.clone();
+    let run = publisher
+        .publish(PublishJob {
+            label,
+            first_id: 0,
+            count: total,
+            delay: Arc::new(|_| None),
+            body_bytes: a.body_bytes,
+            concurrency: queues,
+            rate: None,
+            route: Some(Arc::new(move |i| Route {
+                api: format!("/v2/enqueue/{route_prefix}-{}", i / per),
+                headers: Vec::new(),
+                tag: format!("q={} seq={}", i / per, i % per),
+            })),
+            streams: Some(queues),
+        })
+        .await?;
+    let waited = receiver.wait_for(run.ok_count(), a.grace, label).await;
+    let kstash_cpu = kstash.cpu_seconds()? - cpu.kstash;
+    let cpu = cpu.report(kstash)?;
+    tokio::time::sleep(a.linger).await;
+
+    // Order: walk the deliveries in arrival order; a first delivery below its queue's highest
+    // delivered sequence so far is a violation.
+    let mut highest: Vec<Option<usize>> = vec![None; queues];
+    let mut first = vec![false; total];
+    let mut violations = Vec::new();
+    for (id, at) in receiver.log() {
+        if std::mem::replace(&mut first[id], true) {
+            continue; // a duplicate, counted by the receiver
+        }
+        let (q, seq) = (id / per, id % per);
+        match highest[q] {
+            Some(h) if seq < h => violations.push((q, seq, h, at)),
+            _ => highest[q] = Some(seq),
+        }
+    }
+    let arrivals = receiver.arrivals();
+    let mut e2e = Vec::new();
+    let mut last_arrival = f64::MIN;
+    for s in run.results.iter().filter(|s| s.ok) {
+        if let Some(at) = arrivals[s.id] {
+            e2e.push(at - s.sent_ms);
+            last_arrival = last_arrival.max(at);
+        }
+    }
+    let delivered = e2e.len();
+    let first_sent = run
+        .results
+        .iter()
+        .map(|s| s.sent_ms)
+        .fold(f64::MAX, f64::min);
+    let e2e = Summary::of(e2e);
+    let publish = Summary::of(run.latencies());
+    let strict = parallelism == 1;
+    let row = format!(
+        "| {queues} | {parallelism} | {total} | {} | {:.0} | {} | {} | {delivered} | {:.0} | {} | {} | {} | {} | {} | {kstash_cpu:.1} |\n",
+        run.errors,
+        run.ok_count() as f64 / run.wall.as_secs_f64(),
+        ms(publish.p50),
+        ms(publish.p99),
+        delivered as f64 / ((last_arrival - first_sent) / 1e3),
+        ms(e2e.p50),
+        ms(e2e.p99),
+        ms(e2e.max),
+        receiver.duplicates(),
+        if strict {
+            format!("**{}**", violations.len())
+        } else {
+            "n/a".to_string()
+        },
+    );
+    let mut notes = format!(
+        "\nParallelism {parallelism}: enqueued in {:.1} s, waited {:.1} s after the last \
+         enqueue; {cpu}\n",
+        run.wall.as_secs_f64(),
+        waited.as_secs_f64()
+    );
+    if strict {
+        for (q, seq, h, at) in violations.iter().take(10) {
+            notes += &format!(
+                "ORDER VIOLATION: queue {q}: sequence {seq} delivered at {:.3} s, after {h}\n",
+                at / 1e3
+            );
+        }
+    } else {
+        notes += &format!(
+            "(Out of order at parallelism {parallelism}, allowed: {} first deliveries came after \
+             a higher sequence of their queue.)\n",
+            violations.len()
+        );
+    }
+    if run.ok_count() > delivered {
+        notes += &format!(
+            "MISSING: {} enqueued messages not delivered\n",
+            run.ok_count() - delivered
+        );
+    }
+    Ok(FifoReport { row, notes })
+}
+
+/// `fc_messages` published at once with one key's rate limit: achieved rate at the receiver.
+async fn fc_rate_run(a: &OrderArgs, kstash: &Kstash, clock: Instant) -> Result<String> {
+    let n = a.fc_messages;
+    let receiver = Receiver::start(clock, n).await?;
+    let publisher = Publisher::new(kstash, &receiver, a.concurrency)?;
+    let value = format!(
+        "rate={}, period={}",
+        a.fc_rate,
+        header_duration(a.fc_period)
+    );
+    progress(format!(
+        "flow-control rate: {n} messages at once, key bench-rate, {value}"
+    ));
+    let cpu = CpuMeter::start(kstash)?;
+    let header = value.clone();
+    let run = publisher
+        .publish(PublishJob {
+            label: "flow-control rate",
+            first_id: 0,
+            count: n,
+            delay: Arc::new(|_| None),
+            body_bytes: a.body_bytes,
+            concurrency: a.concurrency,
+            rate: None,
+            route: Some(Arc::new(move |_| Route {
+                api: "/v2/publish".into(),
+                headers: vec![
+                    ("Upstash-Flow-Control-Key", "bench-rate".into()),
+                    ("Upstash-Flow-Control-Value", header.clone()),
+                ],
+                tag: String::new(),
+            })),
+            streams: None,
+        })
+        .await?;
+    let period_s = a.fc_period.as_secs_f64();
+    let limit_per_s = f64::from(a.fc_rate) / period_s;
+    let needs = Duration::from_secs_f64(run.ok_count() as f64 / limit_per_s);
+    let waited = receiver
+        .wait_for(run.ok_count(), needs + a.grace, "flow-control rate")
+        .await;
+    let cpu = cpu.report(kstash)?;
+    tokio::time::sleep(a.linger).await;
+
+    // Attempt starts as the receiver saw them (duplicates included: each is an attempt).
+    let mut times: Vec<f64> = receiver.log().iter().map(|(_, at)| *at).collect();
+    times.sort_by(f64::total_cmp);
+    let delivered = receiver.delivered();
+    let period_ms = period_s * 1e3;
+    let (achieved, span) = match (times.first(), times.last()) {
+        (Some(f), Some(l)) if times.len() > 1 && l > f => {
+            ((times.len() - 1) as f64 / ((l - f) / 1e3), (l - f) / 1e3)
+        }
+        _ => (f64::NAN, 0.0),
+    };
+    let (mut most, mut lo) = (0, 0);
+    for hi in 0..times.len() {
+        while times[hi] - times[lo] >= period_ms {
+            lo += 1;
+        }
+        most = most.max(hi - lo + 1);
+    }
+    let burst = (10.0 * f64::from(a.fc_rate) / period_ms).floor().max(1.0) as usize;
+    let bound = a.fc_rate as usize + burst;
+    let first_sent = run
+        .results
+        .iter()
+        .map(|s| s.sent_ms)
+        .fold(f64::MAX, f64::min);
+    let mut out = format!(
+        "Flow-control rate: {n} messages published at once by {} clients (in {:.1} s, {} errors) \
+         with `Upstash-Flow-Control-Key: bench-rate` and `Upstash-Flow-Control-Value: {value}`; \
+         waited {:.1} s after the last publish. Achieved = (arrivals − 1) ÷ (first → last \
+         arrival). Window = the most arrivals in any window of one period [t, t + {}); kstash \
+         allows {} + a burst of {burst}.\n\n",
+        a.concurrency,
+        run.wall.as_secs_f64(),
+        run.errors,
+        waited.as_secs_f64(),
+        header_duration(a.fc_period),
+        a.fc_rate,
+    );
+    out += "| messages | limit (starts/s) | delivered | duplicates | first → last arrival (s) | achieved (starts/s) | achieved ÷ limit | first send → first arrival (ms) | most arrivals in one period | allowed |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += &format!(
+        "| {n} | {limit_per_s:.1} | {delivered} | {} | {span:.2} | {achieved:.2} | {:.3} | {} | **{most}** | {bound} |\n",
+        receiver.duplicates(),
+        achieved / limit_per_s,
+        times.first().map_or("–".into(), |f| ms(f - first_sent)),
+    );
+    out += &format!("{cpu}\n");
+    if most > bound {
+        out += &format!("RATE ABOVE THE LIMIT: {most} arrivals in one period (allowed {bound})\n");
+    }
+    if run.ok_count() > delivered {
+        out += &format!(
+            "MISSING: {} published messages not delivered\n",
+            run.ok_count() - delivered
+        );
+    }
+    Ok(out)
+}
+
+/// `fc_parallelism_messages` published at once with one key's parallelism, to a receiver that
+/// holds each request for `fc_hold`: the most requests open at the receiver at once.
+async fn fc_parallelism_run(a: &OrderArgs, kstash: &Kstash, clock: Instant) -> Result<String> {
+    let n = a.fc_parallelism_messages;
+    let receiver = Receiver::start_holding(clock, n, a.fc_hold).await?;
+    let publisher = Publisher::new(kstash, &receiver, a.concurrency)?;
+    let value = format!("parallelism={}", a.fc_parallelism);
+    progress(format!(
+        "flow-control parallelism: {n} messages at once, key bench-parallel, {value}, receiver \
+         holds each request {} ms",
+        a.fc_hold.as_millis()
+    ));
+    let cpu = CpuMeter::start(kstash)?;
+    let header = value.clone();
+    let run = publisher
+        .publish(PublishJob {
+            label: "flow-control parallelism",
+            first_id: 0,
+            count: n,
+            delay: Arc::new(|_| None),
+            body_bytes: a.body_bytes,
+            concurrency: a.concurrency,
+            rate: None,
+            route: Some(Arc::new(move |_| Route {
+                api: "/v2/publish".into(),
+                headers: vec![
+                    ("Upstash-Flow-Control-Key", "bench-parallel".into()),
+                    ("Upstash-Flow-Control-Value", header.clone()),
+                ],
+                tag: String::new(),
+            })),
+            streams: None,
+        })
+        .await?;
+    let ceiling = f64::from(a.fc_parallelism) / a.fc_hold.as_secs_f64().max(1e-3);
+    let needs = Duration::from_secs_f64(run.ok_count() as f64 / ceiling);
+    let waited = receiver
+        .wait_for(run.ok_count(), needs + a.grace, "flow-control parallelism")
+        .await;
+    let cpu = cpu.report(kstash)?;
+    tokio::time::sleep(a.linger + a.fc_hold).await;
+    let mut times: Vec<f64> = receiver.log().iter().map(|(_, at)| *at).collect();
+    times.sort_by(f64::total_cmp);
+    let delivered = receiver.delivered();
+    let achieved = match (times.first(), times.last()) {
+        // The last request ends `hold` after it arrives.
+        (Some(f), Some(l)) => times.len() as f64 / ((l - f) / 1e3 + a.fc_hold.as_secs_f64()),
+        _ => f64::NAN,
+    };
+    let most = receiver.max_in_flight();
+    let mut out = format!(
+        "Flow-control parallelism: {n} messages published at once by {} clients (in {:.1} s, {} \
+         errors) with `Upstash-Flow-Control-Key: bench-parallel` and \
+         `Upstash-Flow-Control-Value: {value}`; the receiver answers each request after {} ms; \
+         waited {:.1} s after the last publish. Ceiling = parallelism ÷ hold; achieved = arrivals \
+         ÷ (first arrival → last arrival + hold).\n\n",
+        a.concurrency,
+        run.wall.as_secs_f64(),
+        run.errors,
+        a.fc_hold.as_millis(),
+        waited.as_secs_f64(),
+    );
+    out += "| messages | parallelism | hold (ms) | delivered | duplicates | most requests open at the receiver | ceiling (deliveries/s) | achieved (deliveries/s) | achieved ÷ ceiling |\n";
+    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    out += &format!(
+        "| {n} | {} | {} | {delivered} | {} | **{most}** | {ceiling:.1} | {achieved:.1} | {:.3} |\n",
+        a.fc_parallelism,
+        a.fc_hold.as_millis(),
+        receiver.duplicates(),
+        achieved / ceiling,
+    );
+    out += &format!("{cpu}\n");
+    if most > a.fc_parallelism as usize {
+        out += &format!(
+            "PARALLELISM ABOVE THE LIMIT: {most} requests open at once (allowed {})\n",
+            a.fc_parallelism
+        );
+    }
+    if run.ok_count() > delivered {
+        out += &format!(
+            "MISSING: {} published messages not delivered\n",
+            run.ok_count() - delivered
+        );
+    }
+    Ok(out)
+}
+
+/// A duration as kstash's headers read it: `1s`, `1500ms`.
+fn header_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -759,7 +1239,16 @@ impl Kstash {
                     c.brokers
                 );
                 if let Some(p) = c.partitions {
-                    for topic in ["ready", "events", "delay", "dlq", "cancellations", "dedup"] {
+                    for topic in [
+                        "ready",
+                        "events",
+                        "delay",
+                        "dlq",
+                        "cancellations",
+                        "dedup",
+                        "queues",
+                        "flow_control",
+                    ] {
                         toml += &format!("[topics.{topic}]\npartitions = {p}\n");
                     }
                 }
@@ -929,42 +1418,85 @@ struct Receiver {
 
 struct ReceiverState {
     clock: Instant,
-    arrivals: Mutex<Vec<Option<f64>>>,
+    seen: Mutex<Seen>,
     delivered: AtomicUsize,
     duplicates: AtomicUsize,
     foreign: AtomicUsize,
+    /// How long each request is held before it is answered.
+    hold: Duration,
+    /// Requests being handled now, and the most at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// First arrival (ms since the clock's start) per id.
+    arrivals: Vec<Option<f64>>,
+    /// Every request with a known id, duplicates included, in the order they arrived.
+    log: Vec<(usize, f64)>,
+}
+
+/// Counts a request as open until it is answered (or dropped by the caller).
+struct Open(Arc<ReceiverState>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 async fn receive(State(s): State<Arc<ReceiverState>>, body: Bytes) -> StatusCode {
     let at = since(s.clock, Instant::now());
+    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _open = Open(s.clone());
     let id = std::str::from_utf8(&body)
         .ok()
         .and_then(|b| b.split(' ').next())
         .and_then(|i| i.parse::<usize>().ok());
-    let mut arrivals = s.arrivals.lock().unwrap();
-    match id.and_then(|i| arrivals.get_mut(i)) {
-        Some(slot @ None) => {
-            *slot = Some(at);
-            s.delivered.fetch_add(1, Ordering::Relaxed);
+    {
+        let mut seen = s.seen.lock().unwrap();
+        match id.and_then(|i| seen.arrivals.get(i).copied().map(|slot| (i, slot))) {
+            Some((i, None)) => {
+                seen.arrivals[i] = Some(at);
+                seen.log.push((i, at));
+                s.delivered.fetch_add(1, Ordering::Relaxed);
+            }
+            Some((i, Some(_))) => {
+                seen.log.push((i, at));
+                s.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+            None => {
+                s.foreign.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        Some(Some(_)) => {
-            s.duplicates.fetch_add(1, Ordering::Relaxed);
-        }
-        None => {
-            s.foreign.fetch_add(1, Ordering::Relaxed);
-        }
+    }
+    if !s.hold.is_zero() {
+        tokio::time::sleep(s.hold).await;
     }
     StatusCode::OK
 }
 
 impl Receiver {
     async fn start(clock: Instant, capacity: usize) -> Result<Receiver> {
+        Receiver::start_holding(clock, capacity, Duration::ZERO).await
+    }
+
+    /// A receiver that answers each request only after `hold`.
+    async fn start_holding(clock: Instant, capacity: usize, hold: Duration) -> Result<Receiver> {
         let state = Arc::new(ReceiverState {
             clock,
-            arrivals: Mutex::new(vec![None; capacity]),
+            seen: Mutex::new(Seen {
+                arrivals: vec![None; capacity],
+                log: Vec::with_capacity(capacity),
+            }),
             delivered: AtomicUsize::new(0),
             duplicates: AtomicUsize::new(0),
             foreign: AtomicUsize::new(0),
+            hold,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -977,6 +1509,16 @@ impl Receiver {
         Ok(Receiver { addr, state })
     }
 
+    /// Every request with a known id, duplicates included, in arrival order: (id, arrival ms).
+    fn log(&self) -> Vec<(usize, f64)> {
+        self.state.seen.lock().unwrap().log.clone()
+    }
+
+    /// The most requests this receiver had open (arrived, not yet answered) at once.
+    fn max_in_flight(&self) -> usize {
+        self.state.max_in_flight.load(Ordering::SeqCst)
+    }
+
     fn delivered(&self) -> usize {
         self.state.delivered.load(Ordering::Relaxed)
     }
@@ -986,7 +1528,7 @@ impl Receiver {
     }
 
     fn arrivals(&self) -> Vec<Option<f64>> {
-        self.state.arrivals.lock().unwrap().clone()
+        self.state.seen.lock().unwrap().arrivals.clone()
     }
 
     /// Waits until `expected` distinct messages arrived, at most `limit`. Returns the time waited.
@@ -1026,10 +1568,21 @@ impl Receiver {
 // ---------------------------------------------------------------------------------------------
 
 type DelayFn = dyn Fn(usize) -> Option<Duration> + Send + Sync;
+type RouteFn = dyn Fn(usize) -> Route + Send + Sync;
+
+/// How one message is sent, besides its delay: `POST <kstash><api>/<receiver>/hook` with these
+/// extra headers, and `tag` in the body after the id.
+struct Route {
+    api: String,
+    headers: Vec<(&'static str, String)>,
+    tag: String,
+}
 
 struct Publisher {
     http: reqwest::Client,
-    publish_url: String,
+    /// kstash's base URL and the destination (the receiver).
+    base: String,
+    destination: String,
     token: &'static str,
     clock: Instant,
 }
@@ -1045,6 +1598,12 @@ struct PublishJob {
     concurrency: usize,
     /// Messages per second; `None` = as fast as the clients go.
     rate: Option<f64>,
+    /// Where message `i` goes; `None` = `/v2/publish`, no extra headers.
+    route: Option<Arc<RouteFn>>,
+    /// `Some(n)`: `n` clients (instead of `concurrency`), client `k` publishing messages
+    /// `k·count/n .. (k+1)·count/n` one after the other, in order (count a multiple of n).
+    /// `None`: each client takes the next message.
+    streams: Option<usize>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -1086,13 +1645,43 @@ impl Publisher {
             .build()?;
         Ok(Arc::new(Publisher {
             http,
-            publish_url: format!("{}/v2/publish/http://{}/hook", kstash.base(), receiver.addr),
+            base: kstash.base(),
+            destination: format!("http://{}/hook", receiver.addr),
             token: kstash.token,
             clock: receiver.state.clock,
         }))
     }
 
+    /// `POST <kstash><path>` with a JSON body; an error unless the answer is a success.
+    async fn post_json(&self, path: &str, body: serde_json::Value) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(self.token)
+            .json(&body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        if !r.status().is_success() {
+            let status = r.status();
+            bail!(
+                "POST {path}: HTTP {status}: {}",
+                r.text().await.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
     async fn publish(self: &Arc<Self>, job: PublishJob) -> Result<PublishRun> {
+        if let Some(n) = job.streams {
+            if n == 0 || job.count % n != 0 {
+                bail!(
+                    "{}: {} messages do not split into {n} streams",
+                    job.label,
+                    job.count
+                );
+            }
+        }
         let job = Arc::new(job);
         let next = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicUsize::new(0));
@@ -1124,7 +1713,8 @@ impl Publisher {
         };
 
         let mut workers = Vec::new();
-        for _ in 0..job.concurrency.max(1) {
+        let clients = job.streams.unwrap_or(job.concurrency).max(1);
+        for worker in 0..clients {
             let (me, job, next, done, errors, first_error, padding) = (
                 self.clone(),
                 job.clone(),
@@ -1136,8 +1726,19 @@ impl Publisher {
             );
             workers.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
+                let mut taken = 0;
                 loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let i = match job.streams {
+                        Some(n) => {
+                            let per = job.count / n;
+                            if taken == per {
+                                break;
+                            }
+                            taken += 1;
+                            worker * per + taken - 1
+                        }
+                        None => next.fetch_add(1, Ordering::Relaxed),
+                    };
                     if i >= job.count {
                         break;
                     }
@@ -1146,15 +1747,25 @@ impl Publisher {
                         tokio::time::sleep_until(at.into()).await;
                     }
                     let id = job.first_id + i;
+                    let route = job.route.as_ref().map(|r| r(i));
                     let mut body = id.to_string();
                     body.push(' ');
+                    if let Some(r) = route.as_ref().filter(|r| !r.tag.is_empty()) {
+                        body.push_str(&r.tag);
+                        body.push(' ');
+                    }
                     body.push_str(&padding[..job.body_bytes.saturating_sub(body.len())]);
+                    let api = route.as_ref().map_or("/v2/publish", |r| r.api.as_str());
+                    let url = format!("{}{api}/{}", me.base, me.destination);
                     let mut request = me
                         .http
-                        .post(&me.publish_url)
+                        .post(url)
                         .bearer_auth(me.token)
                         .header("Content-Type", "text/plain")
                         .body(body);
+                    for (name, value) in route.iter().flat_map(|r| r.headers.iter()) {
+                        request = request.header(*name, value);
+                    }
                     if let Some(d) = (job.delay)(i) {
                         request = request.header("Upstash-Delay", format!("{}ms", d.as_millis()));
                     }

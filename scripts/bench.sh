@@ -7,7 +7,8 @@
 # benchmark: `kstash dev` first, then `kstash serve` against a fresh Apache Kafka broker per run
 # (scripts/with-kafka.sh; needs Java 17+, and Maven the first time). Each run's markdown goes to
 # <output-dir>/<name>.md, its progress lines to <name>.log, the environment to ENV. Takes about
-# 10 minutes in all; each run stops by itself within ~4 minutes.
+# 12 minutes in all; each run stops by itself within ~4 minutes. The `order` runs need a build with
+# FIFO queues and flow control (commit 4960844 or later).
 set -euo pipefail
 
 cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.."
@@ -43,6 +44,7 @@ run memory-dev-control "${bench[@]}" memory --counts 5000,10000,20000 --delay 0s
 # Throughput varies most from run to run: three runs each ($0 is the bench binary).
 # shellcheck disable=SC2016
 run throughput-dev bash -c 'for i in 1 2 3; do "$0" throughput; done' "${bench[@]}"
+run order-dev "${bench[@]}" order
 
 run delay-serve scripts/with-kafka.sh "${bench[@]}" delay --mode serve
 run memory-serve scripts/with-kafka.sh "${bench[@]}" memory --mode serve
@@ -50,5 +52,6 @@ run memory-serve-control scripts/with-kafka.sh "${bench[@]}" memory --mode serve
 # shellcheck disable=SC2016
 run throughput-serve scripts/with-kafka.sh \
   bash -c 'for i in 1 2 3; do "$0" throughput --mode serve; done' "${bench[@]}"
+run order-serve scripts/with-kafka.sh "${bench[@]}" order --mode serve
 
 printf 'bench.sh: results in %s\n' "$out" >&2

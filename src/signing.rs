@@ -1,4 +1,4 @@
-//! `Upstash-Signature`: the HS256 JWT every delivery carries (`qstash-api.md` §4).
+//! `Upstash-Signature`: the HS256 JWT every delivery carries.
 //!
 //! The key is the UTF-8 bytes of the `sig_…` string itself, as the SDK receivers expect. The
 //! `body` claim is base64url (with padding) of SHA-256 over the exact bytes sent; receivers strip

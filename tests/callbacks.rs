@@ -1,4 +1,4 @@
-//! Callbacks and failure callbacks end to end (`qstash-api.md` §6): the callback message after
+//! Callbacks and failure callbacks end to end: the callback message after
 //! every attempt with the documented payload, the failure callback with `dlqId` after the final
 //! failure, forwarded callback headers (`-Forward-` and the Python SDK's lenient form), signing
 //! with `sub` = the callback URL, the callback's own id, retries and delay, and refusal of invalid

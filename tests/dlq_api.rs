@@ -1,4 +1,4 @@
-//! The DLQ API (`/v2/dlq`, `qstash-api.md` §2.8) end to end: messages that failed for good are
+//! The DLQ API (`/v2/dlq`) end to end: messages that failed for good are
 //! listed newest first with the message and its last response (status 0 and the error after a
 //! timeout), paged with `count` and `cursor`, filtered (`url`, `label`, `responseStatus`,
 //! `messageId`, `dlqIds`, `fromDate`/`toDate`; `host` and `path` refused), fetched one by one,
@@ -166,7 +166,7 @@ fn int(v: &Value, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("{key} is not an integer: {v}"))
 }
 
-/// The cursor of a page; an absent or empty one means the end (`qstash-api.md` §2.8).
+/// The cursor of a page; an absent or empty one means the end.
 fn cursor(json: &Value) -> Option<String> {
     match json.get("cursor") {
         None | Some(Value::Null) => None,

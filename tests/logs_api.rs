@@ -1,5 +1,5 @@
 //! The log API (`GET /v2/events`, which the SDKs call, and `GET /v2/logs`, which the docs
-//! describe; `qstash-api.md` §2.9, §2.12, §5.1) end to end: the same entries under `events` and
+//! describe) end to end: the same entries under `events` and
 //! `logs`, newest first; the lifecycle of a delivered message (CREATED with its header and base64
 //! body, ACTIVE, DELIVERED) and of a failing one (ERROR with the response under both
 //! `responseHeader` and `responseHeaders`, RETRY with `nextDeliveryTime`, FAILED); every filter

@@ -252,21 +252,6 @@ async fn a_broker_outage_is_a_503_and_publishing_recovers() {
     kstash.stop().await;
 }
 
-/// Enqueues `body` to `queue` through `api`; insists on success; returns the message id.
-async fn enqueue(
-    api: &Api,
-    queue: &str,
-    destination: &str,
-    body: String,
-    headers: &[(&str, &str)],
-) -> String {
-    let (status, json) = api
-        .publish_path(&format!("/v2/enqueue/{queue}/{destination}"), body, headers)
-        .await;
-    assert_eq!(status, 200, "{json}");
-    json["messageId"].as_str().unwrap().to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_kill_behind_a_blocked_queue_head_brings_nothing_finished_back() {
     const BEHIND: usize = 1000;
@@ -283,14 +268,14 @@ async fn a_kill_behind_a_blocked_queue_head_brings_nothing_finished_back() {
 
     let mut first = ServeProcess::spawn_with(&kafka, &dir, "first", one_partition).await;
     let api = first.api();
-    let head = enqueue(
-        &api,
-        "blocked",
-        &head_receiver.url("/head"),
-        "head".into(),
-        &[("Upstash-Retries", "20"), ("Upstash-Retry-Delay", "500")],
-    )
-    .await;
+    let head = api
+        .enqueue(
+            "blocked",
+            &head_receiver.url("/head"),
+            "head",
+            &[("Upstash-Retries", "20"), ("Upstash-Retry-Delay", "500")],
+        )
+        .await;
     let ids: HashSet<String> = futures::stream::iter(0..BEHIND)
         .map(|i| {
             let (api, url) = (&api, bulk.url("/bulk"));
@@ -368,6 +353,29 @@ async fn two_processes_keep_every_queue_in_order_when_one_is_killed() {
     let second = ServeProcess::spawn(&kafka, &dir, "second", 32).await;
     let (api1, api2) = (first.api(), second.api());
 
+    // Queue settings written through one process are seen by the other within a second.
+    let written = std::time::Instant::now();
+    let (status, _) = api1
+        .call(
+            reqwest::Method::POST,
+            "/v2/queues",
+            Some(serde_json::json!({"queueName": "seen", "parallelism": 3, "paused": true})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    common::eventually("the other process's view of the queue", || async {
+        let (status, q) = api2
+            .call(reqwest::Method::GET, "/v2/queues/seen", None)
+            .await;
+        (status == 200 && q["paused"] == true && q["parallelism"] == 3).then_some(())
+    })
+    .await;
+    let seen_after = written.elapsed();
+    assert!(
+        seen_after < Duration::from_secs(1),
+        "seen after {seen_after:?}"
+    );
+
     // Each queue's messages are enqueued in order (alternating between the processes).
     let publishers: Vec<_> = (0..QUEUES)
         .map(|q| {
@@ -376,7 +384,8 @@ async fn two_processes_keep_every_queue_in_order_when_one_is_killed() {
             tokio::spawn(async move {
                 for i in 0..PER_QUEUE {
                     let api = if i % 2 == 0 { &a } else { &b };
-                    enqueue(api, &format!("q{q}"), &url, format!("{i}"), &[]).await;
+                    api.enqueue(&format!("q{q}"), &url, format!("{i}"), &[])
+                        .await;
                 }
             })
         })

@@ -6,33 +6,9 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Api, Received, Receiver, Script, TestKafka};
+use common::{Api, Receiver, Script, TestKafka};
 use reqwest::Method;
 use serde_json::json;
-
-/// Enqueues `body` to `queue` for `destination`; insists on success; returns the message id.
-async fn enqueue(
-    api: &Api,
-    queue: &str,
-    destination: &str,
-    body: String,
-    headers: &[(&str, &str)],
-) -> String {
-    let (status, json) = api
-        .publish_path(&format!("/v2/enqueue/{queue}/{destination}"), body, headers)
-        .await;
-    assert_eq!(status, 200, "{json}");
-    json["messageId"].as_str().unwrap().to_string()
-}
-
-/// Receives until `n` requests arrived; returns them in arrival order.
-async fn receive(receiver: &mut Receiver, n: usize) -> Vec<Received> {
-    let mut all = Vec::with_capacity(n);
-    for _ in 0..n {
-        all.push(receiver.next().await);
-    }
-    all
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_queue_keeps_strict_order_while_another_queue_on_its_partition_retries() {
@@ -52,8 +28,7 @@ async fn a_queue_keeps_strict_order_while_another_queue_on_its_partition_retries
     let mut failing_ids = Vec::new();
     for i in 0..FAILING {
         failing_ids.push(
-            enqueue(
-                &api,
+            api.enqueue(
                 "retrying",
                 &failing.url("/b"),
                 format!("b{i}"),
@@ -63,10 +38,11 @@ async fn a_queue_keeps_strict_order_while_another_queue_on_its_partition_retries
         );
     }
     for i in 0..ORDERED {
-        enqueue(&api, "ordered", &ordered.url("/a"), format!("{i}"), &[]).await;
+        api.enqueue("ordered", &ordered.url("/a"), format!("{i}"), &[])
+            .await;
     }
 
-    let got = receive(&mut ordered, ORDERED).await;
+    let got = ordered.take(ORDERED).await;
     let bodies: Vec<usize> = got
         .iter()
         .map(|r| std::str::from_utf8(&r.body).unwrap().parse().unwrap())
@@ -78,7 +54,7 @@ async fn a_queue_keeps_strict_order_while_another_queue_on_its_partition_retries
     );
 
     // The other queue retried in place: each message's attempts in a row, in enqueue order.
-    let attempts = receive(&mut failing, FAILING * (FAILURES_EACH + 1)).await;
+    let attempts = failing.take(FAILING * (FAILURES_EACH + 1)).await;
     let sequence: Vec<(String, String)> = attempts
         .iter()
         .map(|r| {
@@ -134,9 +110,10 @@ async fn queue_parallelism_is_the_bound_the_receiver_sees() {
         .await;
     assert_eq!(status, 200, "{json}");
     for i in 0..MESSAGES {
-        enqueue(&api, "wide", &receiver.url("/p"), format!("{i}"), &[]).await;
+        api.enqueue("wide", &receiver.url("/p"), format!("{i}"), &[])
+            .await;
     }
-    receive(&mut receiver, MESSAGES).await;
+    receiver.take(MESSAGES).await;
     assert_eq!(
         receiver.max_concurrent(),
         PARALLELISM,
@@ -161,7 +138,8 @@ async fn a_paused_queue_accepts_and_holds_and_resumes_with_the_oldest() {
         .await;
     assert_eq!(status, 200);
     for i in 0..MESSAGES {
-        enqueue(&api, "held", &receiver.url("/h"), format!("{i}"), &[]).await;
+        api.enqueue("held", &receiver.url("/h"), format!("{i}"), &[])
+            .await;
     }
     let queue = common::eventually("the queue's lag", || async {
         let (_, q) = api.call(Method::GET, "/v2/queues/held", None).await;
@@ -179,7 +157,7 @@ async fn a_paused_queue_accepts_and_holds_and_resumes_with_the_oldest() {
     let (status, resumed) = api.call(Method::POST, "/v2/queues/held/resume", None).await;
     assert_eq!(status, 200);
     assert_eq!(resumed["paused"], false);
-    let got = receive(&mut receiver, MESSAGES).await;
+    let got = receiver.take(MESSAGES).await;
     let bodies: Vec<String> = got
         .iter()
         .map(|r| String::from_utf8(r.body.to_vec()).unwrap())
@@ -201,7 +179,7 @@ async fn the_queue_api_upserts_lists_gets_pauses_and_deletes() {
     let mut receiver = Receiver::start().await;
 
     // An enqueue creates its queue with parallelism 1.
-    enqueue(&api, "auto", &receiver.url("/x"), "x".into(), &[]).await;
+    api.enqueue("auto", &receiver.url("/x"), "x", &[]).await;
     receiver.next().await;
     let (status, q) = api.call(Method::GET, "/v2/queues/auto", None).await;
     assert_eq!(status, 200);
@@ -274,7 +252,7 @@ async fn messages_and_logs_name_their_queue() {
             Some(json!({"queueName": "named", "paused": true})),
         )
         .await;
-    let id = enqueue(&api, "named", &receiver.url("/n"), "n".into(), &[]).await;
+    let id = api.enqueue("named", &receiver.url("/n"), "n", &[]).await;
     let (status, message) = api
         .call(Method::GET, &format!("/v2/messages/{id}"), None)
         .await;
@@ -301,5 +279,45 @@ async fn messages_and_logs_name_their_queue() {
     })
     .await;
     assert!(logs.iter().all(|e| e["queueName"] == "named"), "{logs:?}");
+    kstash.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pausing_a_queue_stops_the_retries_of_its_head_until_resumed() {
+    let kafka = TestKafka::new();
+    let kstash = kafka.start(kafka.config()).await;
+    let api = Api::new(kstash.addr());
+    let mut receiver = Receiver::start().await;
+    receiver.set(Script::fail_first(1, 500, &[]));
+    let id = api
+        .enqueue(
+            "stalled",
+            &receiver.url("/s"),
+            "s",
+            &[("Upstash-Retries", "5"), ("Upstash-Retry-Delay", "500")],
+        )
+        .await;
+    assert_eq!(
+        receiver.next().await.message_id(),
+        id,
+        "the first attempt fails"
+    );
+    let (status, _) = api
+        .call(Method::POST, "/v2/queues/stalled/pause", None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), receiver.next())
+            .await
+            .is_err(),
+        "no retry while the queue is paused"
+    );
+    api.call(Method::POST, "/v2/queues/stalled/resume", None)
+        .await;
+    let retry = receiver.next().await;
+    assert_eq!(
+        (retry.message_id(), retry.header("upstash-retried")),
+        (id, Some("1"))
+    );
     kstash.stop().await;
 }

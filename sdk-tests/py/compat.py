@@ -119,10 +119,15 @@ def expect_raises(exc_type, fn, what, reason=None):
 
 # ---------------------------------------------------------------------------------------
 # Recording receiver: every request is stored; waiters are woken through a Condition. A path
-# can be given a plan of statuses to answer with (in order), and a status for afterwards.
+# can be given a plan of statuses to answer with (in order), and a status for afterwards,
+# and a delay before it answers (a slow destination); the receiver counts the requests to
+# each path that are in flight (arrived, not yet answered).
 # ---------------------------------------------------------------------------------------
-deliveries = []  # dicts: method, url, path, headers (lower-case name -> value), body, status
+deliveries = []  # dicts: method, url, path, headers (lower-case name -> value), body, status,
+#                  in_flight (at arrival, including itself), answered_at
 plans = {}  # path -> {"statuses": [status, ...], "then": status}
+delays = {}  # path -> seconds to wait before answering
+in_flight = {}  # path -> requests arrived and not yet answered
 cond = threading.Condition()
 
 
@@ -132,9 +137,20 @@ def plan_statuses(path, statuses, then=200):
         plans[path] = {"statuses": list(statuses), "then": then}
 
 
+def plan_delay(path, seconds):
+    """Answer every request to path only `seconds` after it arrived."""
+    with cond:
+        delays[path] = seconds
+
+
 def deliveries_to(path):
     with cond:
         return [d for d in deliveries if d["path"] == path]
+
+
+def max_in_flight(path):
+    """The most requests to path that were in flight at the receiver at the same time."""
+    return max((d["in_flight"] for d in deliveries_to(path)), default=0)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -154,18 +170,26 @@ class Handler(BaseHTTPRequestHandler):
                 status = plan["statuses"].pop(0)
             else:
                 status = plan["then"]
-        record = {
-            "method": self.command,
-            "url": self.path,
-            "path": path,
-            "headers": {k.lower(): v for k, v in self.headers.items()},
-            "body": body,
-            "received_at": time.time(),
-            "status": status,
-        }
-        with cond:
+            in_flight[path] = in_flight.get(path, 0) + 1
+            record = {
+                "method": self.command,
+                "url": self.path,
+                "path": path,
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": body,
+                "received_at": time.time(),
+                "status": status,
+                "in_flight": in_flight[path],
+                "answered_at": None,
+            }
             deliveries.append(record)
+            delay = delays.get(path)
             cond.notify_all()
+        if delay:
+            time.sleep(delay)
+        with cond:
+            in_flight[path] -= 1
+            record["answered_at"] = time.time()
         reply = b"received" if 200 <= status < 300 else f"planned {status}".encode()
         self.send_response(status)
         self.send_header("Content-Type", "text/plain")
@@ -443,14 +467,14 @@ def run_suite(receiver_base):
 
     check("publish with delay=1 arrives no earlier than 1 s later", delay_is_honoured)
 
-    # 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-    def flow_control_is_400():
-        e = expect_raises(QStashError, lambda: bounded(lambda: client.message.publish(
-            url=f"{receiver_base}/py/{run_id}/fc", body="x",
-            flow_control=FlowControl(key="k", parallelism=1)), "publish(flow_control)"),
-            "publish(flow_control)")
-        if "status: 400," not in str(e):
-            raise CheckFailed(f"got {type(e).__name__}: {e}, want status 400")
+    # 4. A client mistake -> the SDK's error with status 400 and a JSON error body, not a 5xx
+    # and not a hang. The SDK sends any `period` string as is, so a malformed flow-control
+    # value reaches the server.
+    def malformed_flow_control_is_400():
+        e = expect_status(lambda: client.message.publish(
+            url=f"{receiver_base}/py/{run_id}/fc-malformed", body="x",
+            flow_control=FlowControl(key=f"py-{run_id}-bad", parallelism=1, period="banana")),
+            400, "publish(flow_control period=banana)")
         body = str(e).split("body: ", 1)[-1]
         try:
             parsed = json.loads(body)
@@ -459,8 +483,8 @@ def run_suite(receiver_base):
         if not isinstance(parsed, dict) or not isinstance(parsed.get("error"), str):
             raise CheckFailed(f'error body lacks "error": {body!r}')
 
-    check("publish with flow_control (not supported yet) raises QStashError status 400",
-          flow_control_is_400)
+    check("publish with a malformed flow_control period raises QStashError status 400",
+          malformed_flow_control_is_400)
 
     # 4b. A callback: after the delivery, a JSON payload about it arrives at the callback URL.
     # callback_headers={"X": v} goes on the wire as Upstash-Callback-X; kstash forwards it.
@@ -509,6 +533,8 @@ def run_suite(receiver_base):
     failure_callback_checks(ctx)
     dlq_checks(ctx)
     log_checks(ctx)
+    queue_checks(ctx)
+    flow_control_checks(ctx)
     cancelled_never_delivered(ctx)
 
 
@@ -847,6 +873,411 @@ def log_checks(ctx):
 
     check("log paging: count=1 gives one entry and a cursor; following cursors walks all entries",
           paging)
+
+
+# ---------------------------------------------------------------------------------------
+# Queues (FIFO): upsert, get, list, enqueue/enqueue_json in order, pause/resume, a retry that
+# holds the queue, client errors, delete. (qstash 3.4.0 sends neither a delay nor flow control
+# on enqueue.)
+# ---------------------------------------------------------------------------------------
+def poll_queue(client, what, name, pred):
+    """Polls queue.get(name) until pred(queue) holds; returns that queue."""
+    def attempt():
+        q = client.queue.get(name)
+        return q if pred(q) else None
+
+    return poll(what, attempt)
+
+
+def arrivals(path):
+    """(body, status, upstash-retried) of each request to path, in arrival order."""
+    return [(d["body"].decode("utf-8"), d["status"], d["headers"].get("upstash-retried"))
+            for d in deliveries_to(path)]
+
+
+def queue_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    name = f"py-{run_id}-fifo"
+    before_ms = time.time() * 1000
+
+    def upsert_get():
+        bounded(lambda: client.queue.upsert(name, parallelism=1), "queue.upsert")
+        # qstash parses the queue with response["key"] for all six keys: a missing key raises.
+        q = poll("queue.get", lambda: client.queue.get(name))
+        expect_equal(q.name, name, "name")
+        expect_equal(q.parallelism, 1, "parallelism")
+        expect_equal(q.lag, 0, "lag")
+        expect_equal(q.paused, False, "paused")
+        if not isinstance(q.created_at, int) or abs(q.created_at - before_ms) > 5000:
+            raise CheckFailed(f"created_at {q.created_at!r}, upserted at {before_ms:.0f} (ms)")
+        if not isinstance(q.updated_at, int) or q.updated_at < q.created_at:
+            raise CheckFailed(f"updated_at {q.updated_at!r} before created_at {q.created_at}")
+
+    if not check("queue.upsert(parallelism=1) then queue.get() returns all six keys with their "
+                 "values", upsert_get):
+        return
+
+    def listed():
+        queues = bounded(client.queue.list, "queue.list")
+        mine = [q for q in queues if q.name == name]
+        expect_equal(len(mine), 1, f"entries named {name} in {queues!r}")
+        expect_equal(mine[0].parallelism, 1, "parallelism")
+
+    check("queue.list() contains the queue", listed)
+
+    # FIFO: five messages (enqueue and enqueue_json alternating) to a slow destination, so that
+    # four of them wait in the queue while the one before is being delivered.
+    path = f"/py/{run_id}/fifo"
+    dest = f"{base}{path}"
+    plan_delay(path, 0.15)
+    sent = {"bodies": [], "ids": []}
+
+    def enqueue_five():
+        for i in range(5):
+            if i % 2 == 0:
+                res = bounded(lambda i=i: client.message.enqueue(
+                    queue=name, url=dest, body=f"fifo {i}"), "message.enqueue")
+                sent["bodies"].append(f"fifo {i}")
+            else:
+                res = bounded(lambda i=i: client.message.enqueue_json(
+                    queue=name, url=dest, body={"fifo": i}), "message.enqueue_json")
+                sent["bodies"].append(json.dumps({"fifo": i}))
+            if not res.message_id.startswith("msg_"):
+                raise CheckFailed(f"response {res!r}")
+            sent["ids"].append(res.message_id)
+
+    enqueued = check("message.enqueue / message.enqueue_json: 5 messages (alternating) return "
+                     "message_ids", enqueue_five)
+    ids = sent["ids"]
+    if enqueued:
+        def in_order():
+            got = wait_for_deliveries(path, 5)
+            expect_equal([d["body"].decode("utf-8") for d in got], sent["bodies"],
+                         "bodies in arrival order")
+            expect_equal([d["headers"].get("upstash-message-id") for d in got], ids,
+                         "upstash-message-id in arrival order")
+            expect_equal(max_in_flight(path), 1, "most requests in flight at once")
+            expect_no_more_deliveries(path, 5)
+
+        check("queue (parallelism 1): the 5 messages arrive in enqueue order, one at a time",
+              in_order)
+
+    def logs_by_queue():
+        def find():
+            r = quiet(lambda: client.log.list(filter={"queue": name}))()
+            delivered = any(log.message_id == ids[0] and log.state == LogState.DELIVERED
+                            for log in r.logs)
+            return r.logs if delivered else None
+
+        logs = poll("DELIVERED of the first queued message in the queue's log", find)
+        others = [log for log in logs if log.queue != name or log.message_id not in ids]
+        if others:
+            raise CheckFailed(f"entries of another queue or message: {others[0]!r}")
+
+    if ids:
+        check("log.list(filter={queue}) returns only entries of the queue, each with queue",
+              logs_by_queue)
+
+    # Pause: the queue accepts but delivers nothing; resume delivers, oldest first.
+    paused_path = f"/py/{run_id}/fifo-paused"
+    paused_dest = f"{base}{paused_path}"
+
+    def pause():
+        bounded(lambda: client.queue.pause(name), "queue.pause")
+        poll_queue(client, "paused True", name, lambda q: q.paused is True)
+
+    paused = check("queue.pause(): queue.get() shows paused True", pause)
+    got = {}  # see failure_callback_checks
+
+    def enqueue_paused():
+        a = bounded(lambda: client.message.enqueue(queue=name, url=paused_dest, body="paused 0"),
+                    "message.enqueue")
+        b = bounded(lambda: client.message.enqueue_json(queue=name, url=paused_dest,
+                                                        body={"paused": 1}),
+                    "message.enqueue_json")
+        got["ids"] = [a.message_id, b.message_id]
+        expect_no_more_deliveries(paused_path, 0)
+        poll_queue(client, "lag >= 2", name, lambda q: q.lag >= 2)
+
+    if paused:
+        check("paused queue: enqueued messages are accepted, not delivered, and counted in lag",
+              enqueue_paused)
+    if got.get("ids"):
+        def get_queued():
+            m = poll("message.get(queued)", lambda: client.message.get(got["ids"][0]))
+            expect_equal(m.message_id, got["ids"][0], "message_id")
+            expect_equal(m.queue, name, "queue")
+            expect_equal(m.url, paused_dest, "url")
+
+        check("message.get of a message waiting in the paused queue has queue", get_queued)
+    if paused:
+        def resume():
+            bounded(lambda: client.queue.resume(name), "queue.resume")
+            arrived = wait_for_deliveries(paused_path, 2)
+            expect_equal([d["body"].decode("utf-8") for d in arrived],
+                         ["paused 0", json.dumps({"paused": 1})], "bodies in arrival order")
+            poll_queue(client, "paused False, lag 0", name,
+                       lambda q: q.paused is False and q.lag == 0)
+
+        check("queue.resume(): queue.get() shows paused False and the waiting messages arrive, "
+              "oldest first", resume)
+
+    # A retry holds the queue: A fails once (500), B waits until A's retry is delivered.
+    retry_path = f"/py/{run_id}/fifo-retry"
+    retry_dest = f"{base}{retry_path}"
+    plan_statuses(retry_path, [500])
+
+    def retry_holds():
+        for body in ("A", "B"):
+            bounded(lambda body=body: client.message.enqueue(
+                queue=name, url=retry_dest, body=body, retries=1, retry_delay="500"),
+                f"message.enqueue({body})")
+        wait_for_deliveries(retry_path, 3)
+        expect_equal(arrivals(retry_path), [("A", 500, "0"), ("A", 200, "1"), ("B", 200, "0")],
+                     "requests (body, status, upstash-retried)")
+        expect_no_more_deliveries(retry_path, 3)
+
+    check("queue: a retried message holds its place (A 500, A retry 200, then B)", retry_holds)
+
+    # Client mistakes surface as the SDK's error with the server's status.
+    check("queue.upsert with an invalid name raises QStashError status 400",
+          lambda: expect_status(lambda: client.queue.upsert("not a valid name!", parallelism=1),
+                                400, "queue.upsert(bad name)"))
+
+    def too_parallel():
+        expect_status(lambda: client.queue.upsert(f"{name}-big", parallelism=101), 412,
+                      "queue.upsert(parallelism=101)")
+        expect_status(lambda: client.queue.get(f"{name}-big"), 404, "queue.get(not created)")
+
+    check("queue.upsert with parallelism=101 raises QStashError status 412 and creates nothing",
+          too_parallel)
+
+    def delete():
+        bounded(lambda: client.queue.delete(name), "queue.delete")
+        poll_until_404("queue.get(deleted)", lambda: client.queue.get(name))
+        if any(q.name == name for q in bounded(client.queue.list, "queue.list")):
+            raise CheckFailed(f"list() still has {name}")
+
+    check("queue.delete(): queue.get() then raises status 404 and list() lacks it", delete)
+
+
+# ---------------------------------------------------------------------------------------
+# Flow control: parallelism and rate limits at the receiver; flow_control.get/pause/resume/
+# pin/unpin/reset_rate/get_global_parallelism. qstash parses FlowControlInfo with defaults
+# (0 / False) for every field but flowControlKey, so presence shows only where a value differs.
+# ---------------------------------------------------------------------------------------
+def poll_flow_control(client, what, key, pred):
+    """Polls flow_control.get(key) until pred(info) holds; returns that info."""
+    last = {}
+
+    def attempt():
+        info = last["info"] = client.flow_control.get(key)
+        return info if pred(info) else None
+
+    try:
+        return poll(what, attempt)
+    except CheckFailed as e:
+        raise CheckFailed(f"{e}; last flow_control.get: {last.get('info')!r}")
+
+
+def flow_control_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    # Parallelism 1: three messages to a destination that answers after 400 ms.
+    key = f"py-{run_id}-parallel"
+    path = f"/py/{run_id}/fc-slow"
+    dest = f"{base}{path}"
+    plan_delay(path, 0.4)
+
+    def publish_three():
+        for i in range(3):
+            res = bounded(lambda i=i: client.message.publish(
+                url=dest, body=f"fc {i}", flow_control=FlowControl(key=key, parallelism=1)),
+                "publish(flow_control)")
+            if not res.message_id.startswith("msg_"):
+                raise CheckFailed(f"response {res!r}")
+
+    if not check("publish ×3 with flow_control=FlowControl(key, parallelism=1) returns message_ids",
+                 publish_three):
+        return
+    check("flow_control.get(key) while one is in flight: parallelism_count 1, "
+          "wait_list_size >= 1",
+          lambda: poll_flow_control(client, "parallelism_count 1 with a waitlist", key,
+                                    lambda i: i.parallelism_count == 1 and i.wait_list_size >= 1))
+
+    def one_at_a_time():
+        got = wait_for_deliveries(path, 3)
+        expect_equal(max_in_flight(path), 1, "most requests in flight at once")
+        for prev, cur in zip(got, got[1:]):
+            if prev["answered_at"] is None or cur["received_at"] < prev["answered_at"]:
+                raise CheckFailed(f"a request arrived at {cur['received_at']:.3f}, before the one "
+                                  f"before it was answered ({prev['answered_at']})")
+        expect_no_more_deliveries(path, 3)
+
+    check("flow control (parallelism 1): all 3 arrive, never more than 1 in flight, each after "
+          "the previous was answered", one_at_a_time)
+
+    def info_after():
+        info = poll_flow_control(client, "parallelism_count 0 and wait_list_size 0", key,
+                                 lambda i: i.parallelism_count == 0 and i.wait_list_size == 0)
+        expect_equal(info.key, key, "key")
+        expect_equal(info.parallelism_max, 1, "parallelism_max")
+        expect_equal(info.is_paused, False, "is_paused")
+        expect_equal(info.is_pinned_parallelism, False, "is_pinned_parallelism")
+        expect_equal(info.is_pinned_rate, False, "is_pinned_rate")
+        for field in ("wait_list_size", "parallelism_max", "parallelism_count", "rate_max",
+                      "rate_count", "rate_period", "rate_period_start"):
+            if not isinstance(getattr(info, field), int):
+                raise CheckFailed(f"{field}: {getattr(info, field)!r} is not an int in {info!r}")
+        if abs(info.rate_period_start - time.time()) > 3600:
+            raise CheckFailed(f"rate_period_start {info.rate_period_start} is not a recent unix "
+                              f"time in seconds")
+
+    check("flow_control.get(key) afterwards: FlowControlInfo with key, parallelism_max 1, "
+          "nothing in flight or waiting", info_after)
+
+    # Pause: a new message for the key waits; pin/unpin meanwhile; resume delivers it.
+    paused_path = f"/py/{run_id}/fc-paused"
+    paused_dest = f"{base}{paused_path}"
+
+    def pause():
+        bounded(lambda: client.flow_control.pause(key), "flow_control.pause")
+        poll_flow_control(client, "is_paused True", key, lambda i: i.is_paused is True)
+
+    paused = check("flow_control.pause(key): get shows is_paused True", pause)
+    got = {}  # see failure_callback_checks
+
+    def publish_paused():
+        res = bounded(lambda: client.message.publish(
+            url=paused_dest, body="fc paused", flow_control=FlowControl(key=key, parallelism=1)),
+            "publish(flow_control)")
+        got["id"] = res.message_id
+        expect_no_more_deliveries(paused_path, 0)
+        poll_flow_control(client, "wait_list_size 1", key, lambda i: i.wait_list_size == 1)
+
+    if paused:
+        check("paused key: a message published with it is not delivered and is on the waitlist",
+              publish_paused)
+    if got.get("id"):
+        def get_waiting():
+            m = poll("message.get(waiting)", lambda: client.message.get(got["id"]))
+            if m.flow_control is None:
+                raise CheckFailed(f"no flow_control in {m!r}")
+            expect_equal(m.flow_control.key, key, "flow_control.key")
+            expect_equal(m.flow_control.parallelism, 1, "flow_control.parallelism")
+            expect_equal(m.queue, None, "queue")
+
+        check("message.get of the waiting flow-controlled message has flow_control "
+              "(key, parallelism 1)", get_waiting)
+
+    def pin():
+        bounded(lambda: client.flow_control.pin(key, {"parallelism": 2, "rate": 10, "period": 30}),
+                "flow_control.pin")
+        poll_flow_control(client, "pinned 2 / 10 per 30 s", key, lambda i: (
+            i.is_pinned_parallelism is True and i.is_pinned_rate is True
+            and i.parallelism_max == 2 and i.rate_max == 10 and i.rate_period == 30))
+
+    check("flow_control.pin(key, {parallelism: 2, rate: 10, period: 30}): get shows both pinned "
+          "with those values", pin)
+
+    def unpin():
+        bounded(lambda: client.flow_control.unpin(key, {"parallelism": True, "rate": True}),
+                "flow_control.unpin")
+        poll_flow_control(client, "unpinned", key, lambda i: (
+            i.is_pinned_parallelism is False and i.is_pinned_rate is False))
+
+    check("flow_control.unpin(key, {parallelism: True, rate: True}): get shows both unpinned",
+          unpin)
+    if paused:
+        def resume():
+            bounded(lambda: client.flow_control.resume(key), "flow_control.resume")
+            d = wait_for_delivery(paused_path)
+            expect_equal(d["headers"].get("upstash-message-id"), got.get("id"),
+                         "upstash-message-id")
+            poll_flow_control(client, "is_paused False, wait_list_size 0", key,
+                              lambda i: i.is_paused is False and i.wait_list_size == 0)
+
+        check("flow_control.resume(key): get shows is_paused False and the waiting message "
+              "arrives", resume)
+    if got.get("id"):
+        def log_has_key():
+            def find():
+                r = quiet(lambda: client.log.list(filter={"message_id": got["id"]}))()
+                delivered = any(log.state == LogState.DELIVERED for log in r.logs)
+                return r.logs if delivered else None
+
+            logs = poll("DELIVERED of the flow-controlled message in the log", find)
+            keys = [log.flow_control.key if log.flow_control else None for log in logs]
+            expect_equal(keys, [key] * len(logs), "flow_control.key of each entry")
+
+        check("log.list of a flow-controlled message: every entry has flow_control.key",
+              log_has_key)
+
+    def global_parallelism():
+        g = bounded(client.flow_control.get_global_parallelism,
+                    "flow_control.get_global_parallelism")
+        if not isinstance(g.parallelism_max, int) or g.parallelism_max <= 0:
+            raise CheckFailed(f"parallelism_max in {g!r}")
+        if not isinstance(g.parallelism_count, int) or g.parallelism_count < 0:
+            raise CheckFailed(f"parallelism_count in {g!r}")
+
+    check("flow_control.get_global_parallelism() returns parallelism_max > 0 and an int "
+          "parallelism_count", global_parallelism)
+    check("flow_control.get of an unknown key raises QStashError status 404",
+          lambda: expect_status(lambda: client.flow_control.get(f"py-{run_id}-never-used"), 404,
+                                "flow_control.get(unknown)"))
+
+    # Rate: at most 1 start per 60 s period; reset_rate starts a new period at once.
+    rate_key = f"py-{run_id}-rate"
+    rate_path = f"/py/{run_id}/fc-rate"
+    rate_dest = f"{base}{rate_path}"
+
+    def publish_rated(i):
+        res = bounded(lambda: client.message.publish(
+            url=rate_dest, body=f"rate {i}",
+            flow_control=FlowControl(key=rate_key, rate=1, period=60)),
+            "publish(flow_control rate)")
+        if not res.message_id.startswith("msg_"):
+            raise CheckFailed(f"response {res!r}")
+
+    def rated():
+        publish_rated(0)
+        wait_for_delivery(rate_path)
+        poll_flow_control(client, "rate_count 1", rate_key, lambda i: (
+            i.rate_max == 1 and i.rate_period == 60 and i.rate_count == 1))
+
+    if not check("flow control rate=1, period=60: a message arrives; get shows rate_max 1, "
+                 "rate_period 60, rate_count 1", rated):
+        return
+
+    def reset():
+        reset_at = int(time.time())
+        bounded(lambda: client.flow_control.reset_rate(rate_key), "flow_control.reset_rate")
+        i = poll_flow_control(client, "rate_count 0", rate_key, lambda x: x.rate_count == 0)
+        if not reset_at <= i.rate_period_start <= time.time() + 1:
+            raise CheckFailed(f"rate_period_start {i.rate_period_start}, reset at {reset_at} "
+                              f"(unix s)")
+
+    check("flow_control.reset_rate(key): get shows rate_count 0 and a new rate_period_start",
+          reset)
+
+    def limited():
+        publish_rated(1)
+        publish_rated(2)
+        wait_for_deliveries(rate_path, 2)
+        expect_no_more_deliveries(rate_path, 2)
+        poll_flow_control(client, "rate_count 1, wait_list_size 1", rate_key,
+                          lambda i: i.rate_count == 1 and i.wait_list_size == 1)
+
+    if check("flow control rate: of 2 more messages in the new period 1 arrives, the other waits "
+             "(rate_count 1, wait_list_size 1)", limited):
+        def reset_releases():
+            bounded(lambda: client.flow_control.reset_rate(rate_key), "flow_control.reset_rate")
+            wait_for_deliveries(rate_path, 3)
+            poll_flow_control(client, "rate_count 1, wait_list_size 0", rate_key,
+                              lambda i: i.rate_count == 1 and i.wait_list_size == 0)
+
+        check("flow_control.reset_rate(key) lets the message waiting for the rate start "
+              "(rate_count 1, wait_list_size 0)", reset_releases)
 
 
 # ---------------------------------------------------------------------------------------

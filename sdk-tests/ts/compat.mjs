@@ -139,16 +139,26 @@ async function expectReject(promise, what) {
 
 // ---------------------------------------------------------------------------------------
 // Recording receiver: every request is stored; waiters are woken on each request. A path
-// can be given a plan of statuses to answer with (in order), and a status for afterwards.
+// can be given a plan of statuses to answer with (in order), and a status for afterwards,
+// and a delay before it answers (a slow destination); the receiver counts the requests to
+// each path that are in flight (arrived, not yet answered).
 // ---------------------------------------------------------------------------------------
-const deliveries = []; // {method, url, pathname, headers, rawHeaders, body: Buffer, status}
+const deliveries = []; // {method, url, pathname, headers, rawHeaders, body: Buffer, status, inFlight, answeredAt}
 let waiters = []; // {pathname, n, resolve}
 const plans = new Map(); // pathname -> {statuses: [status…], then: status}
+const delays = new Map(); // pathname -> ms to wait before answering
+const inFlight = new Map(); // pathname -> requests arrived and not yet answered
 /** Answer the next requests to `pathname` with `statuses` in order, then always `then`. */
 function planStatuses(pathname, statuses, then = 200) {
   plans.set(pathname, { statuses: [...statuses], then });
 }
+/** Answer every request to `pathname` only `ms` after it arrived. */
+function planDelay(pathname, ms) {
+  delays.set(pathname, ms);
+}
 const deliveriesTo = (pathname) => deliveries.filter((d) => d.pathname === pathname);
+/** The most requests to pathname that were in flight at the receiver at the same time. */
+const maxInFlight = (pathname) => Math.max(0, ...deliveriesTo(pathname).map((d) => d.inFlight));
 const server = http.createServer((req, res) => {
   const chunks = [];
   req.on("data", (c) => chunks.push(c));
@@ -156,6 +166,7 @@ const server = http.createServer((req, res) => {
     const pathname = req.url.split("?")[0];
     const plan = plans.get(pathname);
     const status = plan ? (plan.statuses.length ? plan.statuses.shift() : plan.then) : 200;
+    inFlight.set(pathname, (inFlight.get(pathname) ?? 0) + 1);
     const record = {
       method: req.method,
       url: req.url,
@@ -165,10 +176,19 @@ const server = http.createServer((req, res) => {
       body: Buffer.concat(chunks),
       receivedAt: Date.now(),
       status,
+      inFlight: inFlight.get(pathname), // including this one
+      answeredAt: undefined,
     };
     deliveries.push(record);
-    res.writeHead(status, { "content-type": "text/plain" });
-    res.end(status >= 200 && status < 300 ? "received" : `planned ${status}`);
+    const answer = () => {
+      inFlight.set(pathname, inFlight.get(pathname) - 1);
+      record.answeredAt = Date.now();
+      res.writeHead(status, { "content-type": "text/plain" });
+      res.end(status >= 200 && status < 300 ? "received" : `planned ${status}`);
+    };
+    const delay = delays.get(pathname);
+    if (delay) setTimeout(answer, delay);
+    else answer();
     const seen = deliveriesTo(pathname);
     waiters = waiters.filter((w) => {
       if (w.pathname !== pathname || seen.length < w.n) return true;
@@ -430,18 +450,15 @@ try {
     if (d.receivedAt - sent < 1000) throw new Error(`arrived after ${d.receivedAt - sent} ms, want >= 1000`);
   });
 
-  // 4. Unsupported feature -> a client error (400), not a 5xx and not a hang.
-  await check("publish with flowControl (not supported yet) throws QstashError status 400", async () => {
-    const error = await expectReject(
-      withTimeout(
-        client.publish({ url: `${RECEIVER}/ts/${runId}/fc`, body: "x", flowControl: { key: "k", parallelism: 1 } }),
-        CALL_TIMEOUT_MS,
-        "publish(flowControl)",
-      ),
-      "publish(flowControl)",
+  // 4. A client mistake -> the SDK's error with status 400 and a JSON error body, not a 5xx
+  // and not a hang. The SDK sends any `period` string as is (it only checks that parallelism
+  // or rate is given), so a malformed flow-control value reaches the server.
+  await check("publish with a malformed flowControl period throws QstashError status 400", async () => {
+    const error = await expectStatus(
+      client.publish({ url: `${RECEIVER}/ts/${runId}/fc-malformed`, body: "x", flowControl: { key: `ts-${runId}-bad`, parallelism: 1, period: "banana" } }),
+      400,
+      "publish(flowControl period: banana)",
     );
-    if (!(error instanceof QstashError)) throw new Error(`got ${error?.name}: ${error?.message}, want QstashError`);
-    expectEqual(error.status, 400, `status (message ${error.message})`);
     let parsed;
     try {
       parsed = JSON.parse(error.message);
@@ -491,6 +508,8 @@ try {
   await failureCallbackChecks();
   await dlqChecks();
   await logsChecks();
+  await queueChecks();
+  await flowControlChecks();
 
   // 7. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
   await devModeChecks();
@@ -874,6 +893,318 @@ async function logsChecks() {
     } while (cursor);
     expectEqual(pages.map((l) => `${l.state}@${l.time}`).join(","), logs.map((l) => `${l.state}@${l.time}`).join(","), "paged entries");
   });
+}
+
+// ---------------------------------------------------------------------------------------
+// Queues (FIFO): upsert, get, list, enqueue/enqueueJSON in order, pause/resume, a retry that
+// holds the queue, client errors, delete.
+// ---------------------------------------------------------------------------------------
+/** Polls queue.get() until pred(queue) holds; returns that queue. */
+function pollQueue(what, queue, pred) {
+  return poll(what, async () => {
+    const q = await queue.get();
+    return pred(q) ? q : undefined;
+  });
+}
+/** "body/status/upstash-retried" of each request to pathname, in arrival order. */
+function arrivals(pathname) {
+  return deliveriesTo(pathname).map((d) => `${d.body.toString("utf8")}/${d.status}/${d.headers["upstash-retried"]}`);
+}
+
+async function queueChecks() {
+  const QUEUE_KEYS = ["name", "parallelism", "createdAt", "updatedAt", "lag", "paused"];
+  const name = `ts-${runId}-fifo`;
+  const queue = client.queue({ queueName: name });
+  let upserted;
+  const before = Date.now();
+  await check("queue.upsert({parallelism: 1}) then queue.get() returns all six keys with their values", async () => {
+    await withTimeout(queue.upsert({ parallelism: 1 }), CALL_TIMEOUT_MS, "queue.upsert");
+    const q = await poll("queue.get", () => queue.get());
+    const missing = QUEUE_KEYS.filter((k) => !(k in q));
+    if (missing.length) throw new Error(`missing ${missing.join(", ")} in ${JSON.stringify(q)}`);
+    expectEqual(q.name, name, "name");
+    expectEqual(q.parallelism, 1, "parallelism");
+    expectEqual(q.lag, 0, "lag");
+    expectEqual(q.paused, false, "paused");
+    if (typeof q.createdAt !== "number" || Math.abs(q.createdAt - before) > 5_000) throw new Error(`createdAt ${q.createdAt}, upserted at ${before} (ms)`);
+    if (typeof q.updatedAt !== "number" || q.updatedAt < q.createdAt) throw new Error(`updatedAt ${q.updatedAt} before createdAt ${q.createdAt}`);
+    upserted = q;
+  });
+  if (!upserted) return;
+  await check("queue.list() contains the queue", async () => {
+    const list = await withTimeout(queue.list(), CALL_TIMEOUT_MS, "queue.list");
+    if (!Array.isArray(list)) throw new Error(`list() returned ${JSON.stringify(list)}`);
+    const mine = list.filter((q) => q.name === name);
+    expectEqual(mine.length, 1, `entries named ${name} in ${oneLine(JSON.stringify(list))}`);
+    expectEqual(mine[0].parallelism, 1, "parallelism");
+  });
+
+  // FIFO: five messages (enqueue and enqueueJSON alternating) to a slow destination, so that
+  // four of them wait in the queue while the one before is being delivered.
+  const path = `/ts/${runId}/fifo`;
+  const dest = `${RECEIVER}${path}`;
+  planDelay(path, 150);
+  const bodies = [];
+  const ids = [];
+  const enqueued = await check("queue.enqueue / queue.enqueueJSON: 5 messages (alternating) return messageIds", async () => {
+    for (let i = 0; i < 5; i++) {
+      const res = i % 2 === 0
+        ? await withTimeout(queue.enqueue({ url: dest, body: `fifo ${i}` }), CALL_TIMEOUT_MS, "queue.enqueue")
+        : await withTimeout(queue.enqueueJSON({ url: dest, body: { fifo: i } }), CALL_TIMEOUT_MS, "queue.enqueueJSON");
+      if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+      bodies.push(i % 2 === 0 ? `fifo ${i}` : JSON.stringify({ fifo: i }));
+      ids.push(res.messageId);
+    }
+  });
+  if (enqueued) {
+    await check("queue (parallelism 1): the 5 messages arrive in enqueue order, one at a time", async () => {
+      const got = await waitForDeliveries(path, 5);
+      expectEqual(got.map((d) => d.body.toString("utf8")).join(" | "), bodies.join(" | "), "bodies in arrival order");
+      expectEqual(got.map((d) => d.headers["upstash-message-id"]).join(","), ids.join(","), "upstash-message-id in arrival order");
+      expectEqual(maxInFlight(path), 1, "most requests in flight at once");
+      await expectNoMoreDeliveries(path, 5);
+    });
+  }
+  if (enqueued) {
+    await check("logs({filter: {queueName}}) returns only entries of the queue, each with queueName", async () => {
+      const logs = await poll("DELIVERED of the first queued message in the queue's logs", async () => {
+        const r = await client.logs({ filter: { queueName: name } });
+        return r.logs.some((l) => l.messageId === ids[0] && l.state === "DELIVERED") ? r.logs : undefined;
+      });
+      const others = logs.filter((l) => l.queueName !== name || !ids.includes(l.messageId));
+      if (others.length) throw new Error(`entries of another queue or message: ${oneLine(JSON.stringify(others[0]))}`);
+    });
+  }
+
+  // Pause: the queue accepts but delivers nothing; resume delivers, oldest first.
+  const pausedPath = `/ts/${runId}/fifo-paused`;
+  const pausedDest = `${RECEIVER}${pausedPath}`;
+  const fcKey = `ts-${runId}-queued-fc`;
+  const paused = await check("queue.pause(): queue.get() shows paused: true", async () => {
+    await withTimeout(queue.pause(), CALL_TIMEOUT_MS, "queue.pause");
+    await pollQueue("paused: true", queue, (q) => q.paused === true);
+  });
+  let pausedIds;
+  if (paused) {
+    await check("paused queue: enqueued messages (one with flowControl) are accepted, not delivered, and counted in lag", async () => {
+      const a = await withTimeout(queue.enqueue({ url: pausedDest, body: "paused 0", flowControl: { key: fcKey, parallelism: 1 } }), CALL_TIMEOUT_MS, "queue.enqueue(flowControl)");
+      const b = await withTimeout(queue.enqueueJSON({ url: pausedDest, body: { paused: 1 } }), CALL_TIMEOUT_MS, "queue.enqueueJSON");
+      pausedIds = [a?.messageId, b?.messageId];
+      if (!pausedIds.every((m) => m?.startsWith("msg_"))) throw new Error(`responses ${JSON.stringify([a, b])}`);
+      await expectNoMoreDeliveries(pausedPath, 0);
+      await pollQueue("lag >= 2", queue, (q) => q.lag >= 2);
+    });
+  }
+  if (pausedIds) {
+    await check("messages.get of a message waiting in the paused queue has queueName, flowControlKey and parallelism", async () => {
+      const m = await poll("messages.get(queued)", () => client.messages.get(pausedIds[0]));
+      expectEqual(m.messageId, pausedIds[0], "messageId");
+      expectEqual(m.queueName, name, "queueName");
+      expectEqual(m.flowControlKey, fcKey, "flowControlKey");
+      expectEqual(m.parallelism, 1, "parallelism");
+      expectEqual(m.url, pausedDest, "url");
+    });
+  }
+  if (paused) {
+    await check("queue.resume(): queue.get() shows paused: false and the waiting messages arrive, oldest first", async () => {
+      await withTimeout(queue.resume(), CALL_TIMEOUT_MS, "queue.resume");
+      const got = await waitForDeliveries(pausedPath, 2);
+      expectEqual(got.map((d) => d.body.toString("utf8")).join(" | "), `paused 0 | ${JSON.stringify({ paused: 1 })}`, "bodies in arrival order");
+      await pollQueue("paused: false, lag 0", queue, (q) => q.paused === false && q.lag === 0);
+    });
+  }
+
+  // A retry holds the queue: A fails once (500), B waits until A's retry is delivered.
+  const retryPath = `/ts/${runId}/fifo-retry`;
+  const retryDest = `${RECEIVER}${retryPath}`;
+  planStatuses(retryPath, [500]);
+  await check("queue: a retried message holds its place (A 500, A retry 200, then B)", async () => {
+    await withTimeout(queue.enqueue({ url: retryDest, body: "A", retries: 1, retryDelay: "500" }), CALL_TIMEOUT_MS, "queue.enqueue(A)");
+    await withTimeout(queue.enqueue({ url: retryDest, body: "B", retries: 1, retryDelay: "500" }), CALL_TIMEOUT_MS, "queue.enqueue(B)");
+    await waitForDeliveries(retryPath, 3);
+    expectEqual(arrivals(retryPath).join(", "), "A/500/0, A/200/1, B/200/0", "requests (body/status/upstash-retried)");
+    await expectNoMoreDeliveries(retryPath, 3);
+  });
+
+  // Client mistakes surface as the SDK's error with the server's status.
+  // TS 2.12 still sends Upstash-Delay on enqueue (Python 3.4.0 dropped the parameter).
+  await check("queue.enqueue with a delay (not allowed on enqueue) throws QstashError status 400", () =>
+    expectStatus(queue.enqueue({ url: `${RECEIVER}/ts/${runId}/fifo-delay`, body: "x", delay: 5 }), 400, "queue.enqueue(delay: 5)"),
+  );
+  await check("queue.upsert with an invalid name throws QstashError status 400", () =>
+    expectStatus(client.queue({ queueName: "not a valid name!" }).upsert({ parallelism: 1 }), 400, "queue.upsert(bad name)"),
+  );
+  await check("queue.upsert with parallelism 101 throws QstashError status 412 and creates nothing", async () => {
+    const big = client.queue({ queueName: `${name}-big` });
+    await expectStatus(big.upsert({ parallelism: 101 }), 412, "queue.upsert(parallelism: 101)");
+    await expectStatus(big.get(), 404, "queue.get(not created)");
+  });
+
+  await check("queue.delete(): queue.get() then throws QstashError status 404 and list() lacks it", async () => {
+    await withTimeout(queue.delete(), CALL_TIMEOUT_MS, "queue.delete");
+    await pollUntil404("queue.get(deleted)", () => queue.get());
+    const list = await withTimeout(queue.list(), CALL_TIMEOUT_MS, "queue.list");
+    if (list.some((q) => q.name === name)) throw new Error(`list() still has ${name}`);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow control: parallelism and rate limits at the receiver; flowControl.get/pause/resume/
+// pin/unpin/resetRate/getGlobalParallelism.
+// ---------------------------------------------------------------------------------------
+/** Polls flowControl.get(key) until pred(info) holds; returns that info. */
+function pollFlowControl(what, key, pred) {
+  let last;
+  return poll(what, async () => {
+    last = await client.flowControl.get(key);
+    return pred(last) ? last : undefined;
+  }).catch((error) => {
+    throw new Error(`${error.message}; last flowControl.get: ${JSON.stringify(last)}`);
+  });
+}
+function nowS() {
+  return Math.floor(Date.now() / 1000);
+}
+
+async function flowControlChecks() {
+  const FLOW_CONTROL_FIELDS = {
+    flowControlKey: "string", waitListSize: "number", parallelismMax: "number", parallelismCount: "number",
+    rateMax: "number", rateCount: "number", ratePeriod: "number", ratePeriodStart: "number",
+    isPaused: "boolean", isPinnedParallelism: "boolean", isPinnedRate: "boolean",
+  };
+  // Parallelism 1: three messages to a destination that answers after 400 ms.
+  const key = `ts-${runId}-parallel`;
+  const path = `/ts/${runId}/fc-slow`;
+  const dest = `${RECEIVER}${path}`;
+  planDelay(path, 400);
+  const published = await check("publish ×3 with flowControl {key, parallelism: 1} returns messageIds", async () => {
+    for (let i = 0; i < 3; i++) {
+      const res = await withTimeout(client.publish({ url: dest, body: `fc ${i}`, flowControl: { key, parallelism: 1 } }), CALL_TIMEOUT_MS, "publish(flowControl)");
+      if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+    }
+  });
+  if (!published) return;
+  await check("flowControl.get(key) while one is in flight: parallelismCount 1, waitListSize >= 1", () =>
+    pollFlowControl("parallelismCount 1 with a waitlist", key, (i) => i.parallelismCount === 1 && i.waitListSize >= 1),
+  );
+  await check("flowControl (parallelism 1): all 3 arrive, never more than 1 in flight, each after the previous was answered", async () => {
+    const got = await waitForDeliveries(path, 3);
+    expectEqual(maxInFlight(path), 1, "most requests in flight at once");
+    for (let i = 1; i < got.length; i++) {
+      if (got[i - 1].answeredAt === undefined || got[i].receivedAt < got[i - 1].answeredAt) {
+        throw new Error(`request ${i + 1} arrived at ${got[i].receivedAt}, before request ${i} was answered (${got[i - 1].answeredAt})`);
+      }
+    }
+    await expectNoMoreDeliveries(path, 3);
+  });
+  let info;
+  await check("flowControl.get(key) afterwards: every FlowControlInfo field, parallelismMax 1, nothing in flight or waiting", async () => {
+    info = await pollFlowControl("parallelismCount 0 and waitListSize 0", key, (i) => i.parallelismCount === 0 && i.waitListSize === 0);
+    for (const [field, type] of Object.entries(FLOW_CONTROL_FIELDS)) {
+      if (typeof info[field] !== type) throw new Error(`${field}: ${JSON.stringify(info[field])} is not a ${type} in ${JSON.stringify(info)}`);
+    }
+    expectEqual(info.flowControlKey, key, "flowControlKey");
+    expectEqual(info.parallelismMax, 1, "parallelismMax");
+    expectEqual(info.isPaused, false, "isPaused");
+    expectEqual(info.isPinnedParallelism, false, "isPinnedParallelism");
+    expectEqual(info.isPinnedRate, false, "isPinnedRate");
+    if (Math.abs(info.ratePeriodStart - nowS()) > 3_600) throw new Error(`ratePeriodStart ${info.ratePeriodStart} is not a recent unix time in seconds`);
+  });
+
+  // Pause: a new message for the key waits; pin/unpin meanwhile; resume delivers it.
+  const pausedPath = `/ts/${runId}/fc-paused`;
+  const pausedDest = `${RECEIVER}${pausedPath}`;
+  const paused = await check("flowControl.pause(key): get shows isPaused: true", async () => {
+    await withTimeout(client.flowControl.pause(key), CALL_TIMEOUT_MS, "flowControl.pause");
+    await pollFlowControl("isPaused: true", key, (i) => i.isPaused === true);
+  });
+  let waitingId;
+  if (paused) {
+    await check("paused key: a message published with it is not delivered and is on the waitlist", async () => {
+      const res = await withTimeout(client.publish({ url: pausedDest, body: "fc paused", flowControl: { key, parallelism: 1 } }), CALL_TIMEOUT_MS, "publish(flowControl)");
+      waitingId = res?.messageId;
+      if (!waitingId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+      await expectNoMoreDeliveries(pausedPath, 0);
+      await pollFlowControl("waitListSize 1", key, (i) => i.waitListSize === 1);
+    });
+  }
+  if (waitingId) {
+    await check("messages.get of the waiting flow-controlled message has flowControlKey and parallelism 1", async () => {
+      const m = await poll("messages.get(waiting)", () => client.messages.get(waitingId));
+      expectEqual(m.flowControlKey, key, "flowControlKey");
+      expectEqual(m.parallelism, 1, "parallelism");
+      expectEqual(m.queueName, undefined, "queueName");
+    });
+  }
+  await check("flowControl.pin(key, {parallelism: 2, rate: 10, period: 30}): get shows both pinned with those values", async () => {
+    await withTimeout(client.flowControl.pin(key, { parallelism: 2, rate: 10, period: 30 }), CALL_TIMEOUT_MS, "flowControl.pin");
+    await pollFlowControl("pinned 2 / 10 per 30 s", key, (i) =>
+      i.isPinnedParallelism === true && i.isPinnedRate === true && i.parallelismMax === 2 && i.rateMax === 10 && i.ratePeriod === 30);
+  });
+  await check("flowControl.unpin(key, {parallelism: true, rate: true}): get shows both unpinned", async () => {
+    await withTimeout(client.flowControl.unpin(key, { parallelism: true, rate: true }), CALL_TIMEOUT_MS, "flowControl.unpin");
+    await pollFlowControl("unpinned", key, (i) => i.isPinnedParallelism === false && i.isPinnedRate === false);
+  });
+  if (paused) {
+    await check("flowControl.resume(key): get shows isPaused: false and the waiting message arrives", async () => {
+      await withTimeout(client.flowControl.resume(key), CALL_TIMEOUT_MS, "flowControl.resume");
+      const d = await waitForDelivery(pausedPath);
+      expectEqual(d.headers["upstash-message-id"], waitingId, "upstash-message-id");
+      await pollFlowControl("isPaused: false, waitListSize 0", key, (i) => i.isPaused === false && i.waitListSize === 0);
+    });
+  }
+  await check("logs({filter: {flowControlKey}}) returns only entries of that key, each with flowControlKey", async () => {
+    const logs = await poll("the key's DELIVERED entries in the logs", async () => {
+      const r = await client.logs({ filter: { flowControlKey: key } });
+      return r.logs.filter((l) => l.state === "DELIVERED").length >= 4 ? r.logs : undefined;
+    });
+    const others = logs.filter((l) => l.flowControlKey !== key);
+    if (others.length) throw new Error(`entries without the key: ${oneLine(JSON.stringify(others[0]))}`);
+  });
+
+  await check("flowControl.getGlobalParallelism() returns parallelismMax > 0 and a numeric parallelismCount", async () => {
+    const g = await withTimeout(client.flowControl.getGlobalParallelism(), CALL_TIMEOUT_MS, "flowControl.getGlobalParallelism");
+    if (typeof g?.parallelismMax !== "number" || g.parallelismMax <= 0) throw new Error(`parallelismMax in ${JSON.stringify(g)}`);
+    if (typeof g.parallelismCount !== "number" || g.parallelismCount < 0) throw new Error(`parallelismCount in ${JSON.stringify(g)}`);
+  });
+  await check("flowControl.get of an unknown key throws QstashError status 404", () =>
+    expectStatus(client.flowControl.get(`ts-${runId}-never-used`), 404, "flowControl.get(unknown)"),
+  );
+
+  // Rate: at most 1 start per 60 s period; resetRate starts a new period at once.
+  const rateKey = `ts-${runId}-rate`;
+  const ratePath = `/ts/${runId}/fc-rate`;
+  const rateDest = `${RECEIVER}${ratePath}`;
+  const publishRated = async (i) => {
+    const res = await withTimeout(client.publish({ url: rateDest, body: `rate ${i}`, flowControl: { key: rateKey, rate: 1, period: 60 } }), CALL_TIMEOUT_MS, "publish(flowControl rate)");
+    if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+  };
+  const rated = await check("flowControl {rate: 1, period: 60}: a message arrives; get shows rateMax 1, ratePeriod 60, rateCount 1", async () => {
+    await publishRated(0);
+    await waitForDelivery(ratePath);
+    await pollFlowControl("rateCount 1", rateKey, (i) => i.rateMax === 1 && i.ratePeriod === 60 && i.rateCount === 1);
+  });
+  if (!rated) return;
+  await check("flowControl.resetRate(key): get shows rateCount 0 and a new ratePeriodStart", async () => {
+    const resetAt = nowS();
+    await withTimeout(client.flowControl.resetRate(rateKey), CALL_TIMEOUT_MS, "flowControl.resetRate");
+    const i = await pollFlowControl("rateCount 0", rateKey, (x) => x.rateCount === 0);
+    if (i.ratePeriodStart < resetAt || i.ratePeriodStart > nowS() + 1) throw new Error(`ratePeriodStart ${i.ratePeriodStart}, reset at ${resetAt} (unix s)`);
+  });
+  const limited = await check("flowControl rate: of 2 more messages in the new period 1 arrives, the other waits (rateCount 1, waitListSize 1)", async () => {
+    await publishRated(1);
+    await publishRated(2);
+    await waitForDeliveries(ratePath, 2);
+    await expectNoMoreDeliveries(ratePath, 2);
+    await pollFlowControl("rateCount 1, waitListSize 1", rateKey, (i) => i.rateCount === 1 && i.waitListSize === 1);
+  });
+  if (limited) {
+    await check("flowControl.resetRate(key) lets the message waiting for the rate start (rateCount 1, waitListSize 0)", async () => {
+      await withTimeout(client.flowControl.resetRate(rateKey), CALL_TIMEOUT_MS, "flowControl.resetRate");
+      await waitForDeliveries(ratePath, 3);
+      await pollFlowControl("rateCount 1, waitListSize 0", rateKey, (i) => i.rateCount === 1 && i.waitListSize === 0);
+    });
+  }
 }
 
 // ---------------------------------------------------------------------------------------

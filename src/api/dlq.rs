@@ -1,4 +1,4 @@
-//! `/v2/dlq`: list, get, delete and retry dead-lettered messages (`qstash-api.md` §2.8).
+//! `/v2/dlq`: list, get, delete and retry dead-lettered messages.
 //!
 //! Entries come from this process's view of the compacted DLQ topic. Deleting writes a tombstone;
 //! retrying publishes a new message (new id, `retried` 0, the original body and settings, with any

@@ -1,4 +1,4 @@
-//! `/v2/flowControl` and `/v2/globalParallelism` (`qstash-api.md` §2.11).
+//! `/v2/flowControl` and `/v2/globalParallelism`.
 //!
 //! A key's settings are records on the compacted flow-control topic: the publish API writes the
 //! newest message's values there; pause, resume, pin, unpin and reset-rate here write the rest,

@@ -2,7 +2,7 @@
 //!
 //! The SDKs repeat a key for several values (`label=a&label=b`); the docs also allow one
 //! comma-separated value (`label=a,b`): both are read. Values of one filter are ORed, different
-//! filters ANDed (`qstash-api.md` §1.4). Filters name fields of the message; a filter on a feature
+//! filters ANDed. Filters name fields of the message; a filter on a feature
 //! no message has yet (URL groups, schedules) matches nothing.
 
 use axum::http::Uri;

@@ -1,4 +1,4 @@
-//! `/v2/queues`: FIFO queues (`qstash-api.md` §2.6): upsert, list, get, delete, pause, resume.
+//! `/v2/queues`: FIFO queues: upsert, list, get, delete, pause, resume.
 //!
 //! Settings are records on the compacted queues topic, written through (`state::writer`), so this
 //! process answers with its own change at once and every other process sees it within its tail

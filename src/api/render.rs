@@ -1,4 +1,4 @@
-//! JSON shapes the SDKs parse: Message, log entry and DlqMessage (`qstash-api.md` §2.12).
+//! JSON shapes the SDKs parse: Message, log entry and DlqMessage.
 //!
 //! Keys the Python SDK reads with `response["key"]` are always present. Where the SDKs and the
 //! docs disagree on a name, both are emitted (`callerIP`/`callerIp`, `responseHeader`/

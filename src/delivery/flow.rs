@@ -119,11 +119,16 @@ impl FlowLimiter {
     }
 
     /// Waits for a parallelism slot (and for the key not to be paused), then for the rate.
+    /// `configure` brings the limits in line with the key's current settings; it is called again
+    /// whenever they change while this start waits, so a pin or a rate reset applies to a message
+    /// already waiting, not only to later ones.
     async fn acquire(
         self: Arc<Self>,
         paused: impl Fn() -> bool,
+        configure: impl Fn(&FlowLimiter),
         mut changes: watch::Receiver<u64>,
     ) -> FlowPermit {
+        configure(&self);
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -139,16 +144,23 @@ impl FlowLimiter {
             }
             tokio::select! {
                 _ = &mut freed => {}
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(RECHECK) => {}
+                _ = changes.changed() => configure(&self),
+                _ = tokio::time::sleep(RECHECK) => configure(&self),
             }
         }
         let permit = FlowPermit {
             limiter: self.clone(),
         };
-        let limiter = self.lock().limiter.clone();
-        if let Some(limiter) = limiter {
-            limiter.until_ready().await;
+        // `until_ready` takes a start only when it resolves, so giving up on it (to wait on a
+        // replaced limiter instead) costs nothing.
+        loop {
+            let Some(limiter) = self.lock().limiter.clone() else {
+                break;
+            };
+            tokio::select! {
+                _ = limiter.until_ready() => break,
+                _ = changes.changed() => configure(&self),
+            }
         }
         permit
     }
@@ -190,14 +202,15 @@ impl FlowLimiters {
             .entry(values.key.clone())
             .or_insert_with(|| Arc::new(FlowLimiter::new()))
             .clone();
-        let current = settings();
-        let effective = current
-            .as_ref()
-            .map_or_else(|| values.clone(), |s| s.effective(values));
-        limiter.configure(&effective, current.as_ref().and_then(|s| s.rate_reset_at));
-        limiter
-            .acquire(move || settings().is_some_and(|s| s.paused), changes)
-            .await
+        let configure = |l: &FlowLimiter| {
+            let current = settings();
+            let effective = current
+                .as_ref()
+                .map_or_else(|| values.clone(), |s| s.effective(values));
+            l.configure(&effective, current.as_ref().and_then(|s| s.rate_reset_at));
+        };
+        let paused = || settings().is_some_and(|s| s.paused);
+        limiter.acquire(paused, configure, changes).await
     }
 
     /// Drops limiters of keys idle for longer than their period (their rate state has fully
@@ -301,6 +314,45 @@ mod tests {
                 .is_err(),
             "the pinned parallelism 1 holds, not the message's 5"
         );
+    }
+
+    #[tokio::test]
+    async fn a_rate_reset_releases_a_start_already_waiting() {
+        let limiters = Arc::new(FlowLimiters::default());
+        let (tx, rx) = watch::channel(0);
+        let reset_at = Arc::new(std::sync::Mutex::new(None::<i64>));
+        let settings = {
+            let reset_at = reset_at.clone();
+            move || {
+                let mut r = crate::model::flow::sample_record();
+                (r.pinned_parallelism, r.paused, r.parallelism) = (false, false, None);
+                r.rate_reset_at = *reset_at.lock().unwrap();
+                Some(r)
+            }
+        };
+        let v = values(None, Some(1), 60_000);
+        drop(limiters.acquire(&v, settings.clone(), rx.clone()).await);
+        let waiting = {
+            let (limiters, v, settings, rx) =
+                (limiters.clone(), v.clone(), settings.clone(), rx.clone());
+            tokio::spawn(async move { drop(limiters.acquire(&v, settings, rx).await) })
+        };
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), async {
+                while !waiting.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .is_err(),
+            "one start per minute: the second waits"
+        );
+        *reset_at.lock().unwrap() = Some(1);
+        tx.send(1).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the reset released the waiting start")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -31,7 +31,7 @@ use crate::kafka::lanes::LanePolicy;
 use crate::kafka::record::Record;
 use crate::model::envelope::{
     Envelope, FLOW_CONTROL_KEY_HEADER, FLOW_CONTROL_KEY_PREFIX, FLOW_CONTROL_VALUE_HEADER,
-    QUEUE_KEY_PREFIX,
+    MESSAGE_ID_HEADER, QUEUE_KEY_PREFIX,
 };
 use crate::model::event::{Event, State};
 use crate::model::flow::{FlowControl, FlowLimits};
@@ -97,15 +97,8 @@ impl Deliverer {
 
     /// The flow-control values a record carries in its headers.
     fn flow_control(&self, record: &OwnedMessage) -> Option<FlowControl> {
-        let headers = record.headers()?;
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|h| h.key == name)
-                .and_then(|h| std::str::from_utf8(h.value?).ok())
-        };
-        let key = header(FLOW_CONTROL_KEY_HEADER)?;
-        let value = header(FLOW_CONTROL_VALUE_HEADER)?;
+        let key = header(record, FLOW_CONTROL_KEY_HEADER)?;
+        let value = header(record, FLOW_CONTROL_VALUE_HEADER)?;
         match FlowControl::parse(key, value, &self.flow_limits) {
             Ok(fc) => Some(fc),
             Err(e) => {
@@ -177,6 +170,15 @@ impl Deliverer {
     }
 }
 
+/// The value of Kafka header `name` of `record`, as text.
+fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    record
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| std::str::from_utf8(h.value?).ok())
+}
+
 impl RecordHandler for Deliverer {
     fn lane(&self, record: &BorrowedMessage<'_>) -> Option<String> {
         let key = std::str::from_utf8(record.key()?).ok()?;
@@ -211,6 +213,15 @@ impl RecordHandler for Deliverer {
         let Some(values) = self.flow_control(record) else {
             return Gate::none();
         };
+        // A cancelled message takes no start from its key: it is only marked CANCELED.
+        if let Some(message_id) = header(record, MESSAGE_ID_HEADER) {
+            if matches!(
+                self.views.store.progress(message_id),
+                Ok(Progress::Cancelled)
+            ) {
+                return Gate::none();
+            }
+        }
         let views = self.views.clone();
         let key = values.key.clone();
         let permit = self

@@ -686,6 +686,12 @@ async fn run_record<H: RecordHandler>(
 ) {
     let Held { mut record, ticket } = held;
     loop {
+        if lane.is_some() && !lock(&rt.books.tracker).is_current(&ticket) {
+            // The partition was revoked while this record waited (at its gate, for a slot, or
+            // to be tried again): its next owner has it, and starting it here could put it after
+            // a later record of its lane.
+            break;
+        }
         let slot = match permit.take() {
             Some(p) => p,
             None => tokio::select! {
@@ -716,9 +722,17 @@ async fn run_record<H: RecordHandler>(
                     _ = tokio::time::sleep(wait) => {}
                     _ = rt.shutdown.cancelled() => break,
                 }
-                if !lock(&rt.books.tracker).is_current(&ticket) {
-                    // Revoked meanwhile: the partition's next owner tries it (in order).
-                    break;
+                // A lane paused meanwhile (a paused queue) makes no further attempts either.
+                if let Some((id, _)) = &lane {
+                    while rt.handler.policy(&id.key).paused {
+                        tokio::select! {
+                            _ = tokio::time::sleep(POLICY_RECHECK) => {}
+                            _ = rt.shutdown.cancelled() => break,
+                        }
+                    }
+                    if rt.shutdown.is_cancelled() {
+                        break;
+                    }
                 }
                 gate = tokio::select! {
                     g = rt.handler.gate(&again) => g,

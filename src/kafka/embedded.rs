@@ -1,8 +1,8 @@
 //! The embedded Kafka cluster behind `kstash dev` and `cargo test`: librdkafka's mock cluster.
 //!
 //! It speaks the real Kafka protocol on loopback ports, so every other part of kstash talks to it
-//! exactly as to a real broker (same clients, same code path). Its limits (see KAFKA-NOTES.md)
-//! shape this file: topics are created through the mock API (CreateTopics hangs), group joins are
+//! exactly as to a real broker (same clients, same code path). Its limits shape this
+//! file: topics are created through the mock API (CreateTopics hangs), group joins are
 //! sped up through one FFI call, and each partition silently keeps only ~5 MiB, which the
 //! truncation watchdog turns into a loud error instead of quiet data loss.
 

@@ -57,6 +57,24 @@ pub trait JsonRecord: Serialize + DeserializeOwned {
     fn version(&self) -> u32;
 }
 
+/// Implements [`JsonRecord`] for a struct with a `v: u32` field whose Kafka key is one of its
+/// string fields: `json_record!(CancelRecord, "cancel", CANCEL_VERSION, key = message_id)`.
+#[macro_export]
+macro_rules! json_record {
+    ($ty:ty, $schema:literal, $version:expr, key = $field:ident) => {
+        impl $crate::kafka::record::JsonRecord for $ty {
+            const SCHEMA: &'static str = $schema;
+            const VERSION: u32 = $version;
+            fn key(&self) -> std::borrow::Cow<'_, str> {
+                std::borrow::Cow::Borrowed(&self.$field)
+            }
+            fn version(&self) -> u32 {
+                self.v
+            }
+        }
+    };
+}
+
 impl<T: JsonRecord> Record for T {
     const SCHEMA: &'static str = <T as JsonRecord>::SCHEMA;
     const VERSION: u32 = <T as JsonRecord>::VERSION;

@@ -1,4 +1,4 @@
-//! Callbacks and failure callbacks (`qstash-api.md` §6): what a message asks for, and the message
+//! Callbacks and failure callbacks: what a message asks for, and the message
 //! kstash sends when it is due.
 //!
 //! A message published with `Upstash-Callback` carries a [`Callback`] in its envelope; after every
@@ -107,7 +107,7 @@ pub struct AttemptResponse<'a> {
     pub body: &'a [u8],
 }
 
-/// The JSON body of a callback or failure-callback message (`qstash-api.md` §6).
+/// The JSON body of a callback or failure-callback message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CallbackPayload {

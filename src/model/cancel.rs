@@ -2,11 +2,7 @@
 //! the message id; schema `schemas/cancel.v1.json`). Every delivery worker checks its view of them
 //! before each attempt.
 
-use std::borrow::Cow;
-
 use serde::{Deserialize, Serialize};
-
-use crate::kafka::record::JsonRecord;
 
 /// Schema version of [`CancelRecord`].
 pub const CANCEL_VERSION: u32 = 1;
@@ -36,27 +32,15 @@ impl CancelRecord {
     }
 }
 
-impl JsonRecord for CancelRecord {
-    const SCHEMA: &'static str = "cancel";
-    const VERSION: u32 = CANCEL_VERSION;
-    fn key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.message_id)
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-}
+crate::json_record!(CancelRecord, "cancel", CANCEL_VERSION, key = message_id);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::record::Record;
 
     #[test]
     fn round_trips_and_matches_the_published_schema() {
         let r = CancelRecord::new("msg_1", 5);
-        assert_eq!(CancelRecord::decode(&r.encode()).unwrap(), r);
-        let written: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
-        crate::model::schema_test::assert_conforms(&written, "cancel.v1.json");
+        crate::model::schema_test::assert_round_trip(&r, "cancel.v1.json");
     }
 }

@@ -1,7 +1,7 @@
 //! Where a published message goes, read off the raw request target.
 //!
 //! The SDKs put the destination URL into the path unencoded (`/v2/publish/https://x.com/p?q=1`), so
-//! the destination is the raw path remainder plus the raw query string (`qstash-api.md` §2.1). We
+//! the destination is the raw path remainder plus the raw query string. We
 //! work on the raw `Uri`, never on decoded path parameters, so `//` and `%2F` survive untouched.
 
 use axum::http::Uri;

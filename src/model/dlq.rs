@@ -3,12 +3,9 @@
 //! Stored on the compacted `dlq` topic keyed by dlq id, so deleting an entry (or retrying it) is a
 //! tombstone and the topic converges to the live entries; schema `schemas/dlq.v1.json`.
 
-use std::borrow::Cow;
-
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{base64_bytes, Envelope, HeaderMap};
-use crate::kafka::record::JsonRecord;
 
 /// Schema version written by this build.
 pub const DLQ_VERSION: u32 = 1;
@@ -38,22 +35,11 @@ pub struct DlqRecord {
     pub error: String,
 }
 
-impl JsonRecord for DlqRecord {
-    const SCHEMA: &'static str = "dlq";
-    const VERSION: u32 = DLQ_VERSION;
-    fn key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.dlq_id)
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-}
+crate::json_record!(DlqRecord, "dlq", DLQ_VERSION, key = dlq_id);
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::record::Record;
-    use serde_json::Value;
 
     #[test]
     fn round_trips_and_matches_the_published_schema() {
@@ -67,8 +53,6 @@ mod tests {
             response_body: b"down".to_vec(),
             error: "destination answered 500".into(),
         };
-        assert_eq!(DlqRecord::decode(&r.encode()).unwrap(), r);
-        let written: Value = serde_json::from_slice(&r.encode()).unwrap();
-        crate::model::schema_test::assert_conforms(&written, "dlq.v1.json");
+        crate::model::schema_test::assert_round_trip(&r, "dlq.v1.json");
     }
 }

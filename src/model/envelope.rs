@@ -10,9 +10,10 @@
 //! The Kafka key is the message's *ordering key* ([`Envelope::ordering_key`]): `q:<queue>` for a
 //! queued message, else `f:<flow-control key>`, else the message id. One key lives on one
 //! partition, so one consumer owns a queue or a flow-control key, and the delivery stage reads the
-//! lane a record belongs to off its key alone. A message's flow-control settings also travel as
-//! Kafka headers ([`FLOW_CONTROL_KEY_HEADER`], [`FLOW_CONTROL_VALUE_HEADER`]), so the delivery
-//! stage can apply them before it decodes the value.
+//! lane a record belongs to off its key alone. The message id and its flow-control settings also
+//! travel as Kafka headers ([`MESSAGE_ID_HEADER`], [`FLOW_CONTROL_KEY_HEADER`],
+//! [`FLOW_CONTROL_VALUE_HEADER`]), so the delivery stage can apply them before it decodes the
+//! value.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -27,6 +28,8 @@ use crate::kafka::record::JsonRecord;
 pub const QUEUE_KEY_PREFIX: &str = "q:";
 /// Prefix of the ordering key of a message with flow control (and no queue).
 pub const FLOW_CONTROL_KEY_PREFIX: &str = "f:";
+/// Kafka header carrying the message id (the key is the ordering key, not always the id).
+pub const MESSAGE_ID_HEADER: &str = "kstash-message-id";
 /// Kafka header carrying the message's flow-control key.
 pub const FLOW_CONTROL_KEY_HEADER: &str = "kstash-flow-control-key";
 /// Kafka header carrying the message's flow-control values (canonical `FlowControl::value`).
@@ -97,15 +100,14 @@ impl Envelope {
         }
     }
 
-    /// Kafka headers beside the value: the flow-control settings, if any.
+    /// Kafka headers beside the value: the message id, and the flow-control settings if any.
     pub fn kafka_headers(&self) -> Vec<(&'static str, String)> {
-        match &self.flow_control {
-            Some(fc) => vec![
-                (FLOW_CONTROL_KEY_HEADER, fc.key.clone()),
-                (FLOW_CONTROL_VALUE_HEADER, fc.value()),
-            ],
-            None => Vec::new(),
+        let mut headers = vec![(MESSAGE_ID_HEADER, self.message_id.clone())];
+        if let Some(fc) = &self.flow_control {
+            headers.push((FLOW_CONTROL_KEY_HEADER, fc.key.clone()));
+            headers.push((FLOW_CONTROL_VALUE_HEADER, fc.value()));
         }
+        headers
     }
 }
 
@@ -202,12 +204,15 @@ mod tests {
         e.queue_name = None;
         assert_eq!(e.ordering_key(), "f:tenant-1");
         assert_eq!(
-            e.kafka_headers()[0],
+            e.kafka_headers()[1],
             (FLOW_CONTROL_KEY_HEADER, "tenant-1".into())
         );
         e.flow_control = None;
         assert_eq!(e.ordering_key(), "msg_1");
-        assert!(e.kafka_headers().is_empty());
+        assert_eq!(
+            e.kafka_headers(),
+            vec![(MESSAGE_ID_HEADER, "msg_1".to_string())]
+        );
     }
 
     /// The schema under `schemas/` is the published contract: every field we write must be in

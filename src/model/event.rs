@@ -1,15 +1,12 @@
 //! Lifecycle events, written to the `events` topic (key: message id, so one message's events stay
 //! in order on one partition). They feed the logs API and any Kafka-native consumer.
 //!
-//! The JSON shape follows the QStash log entry (`qstash-api.md` §2.12) so the logs API can serve
+//! The JSON shape follows the QStash log entry so the logs API can serve
 //! records nearly as stored; schema `schemas/event.v1.json`.
-
-use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
 use super::envelope::{base64_bytes, Envelope, HeaderMap};
-use crate::kafka::record::JsonRecord;
 
 /// Schema version written by this build.
 pub const EVENT_VERSION: u32 = 1;
@@ -84,16 +81,7 @@ pub struct Event {
     pub flow_control_key: Option<String>,
 }
 
-impl JsonRecord for Event {
-    const SCHEMA: &'static str = "event";
-    const VERSION: u32 = EVENT_VERSION;
-    fn key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.message_id)
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-}
+crate::json_record!(Event, "event", EVENT_VERSION, key = message_id);
 
 impl Event {
     /// An event about `envelope` with nothing but its identity filled in.

@@ -1,4 +1,4 @@
-//! Flow control (`qstash-api.md` §2.11, §3, §8.5): what `Upstash-Flow-Control-Value` asks for,
+//! Flow control: what `Upstash-Flow-Control-Value` asks for,
 //! and the per-key settings record stored on the compacted flow-control topic.
 //!
 //! Messages sharing a flow-control key share two limits: at most `parallelism` attempts in flight
@@ -11,13 +11,11 @@
 //!   or a value above the configured maximum is a 400 naming the part.
 //! - `period` defaults to one second and is at most `flow_control.max_period` (one week).
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use super::headers::{parse_duration, HeaderError};
-use crate::kafka::record::JsonRecord;
 
 /// Period of the rate when the value gives none.
 pub const DEFAULT_PERIOD: Duration = Duration::from_secs(1);
@@ -187,16 +185,12 @@ pub struct FlowControlRecord {
 /// Schema version of [`FlowControlRecord`].
 pub const FLOW_CONTROL_VERSION: u32 = 1;
 
-impl JsonRecord for FlowControlRecord {
-    const SCHEMA: &'static str = "flow_control";
-    const VERSION: u32 = FLOW_CONTROL_VERSION;
-    fn key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.key)
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-}
+crate::json_record!(
+    FlowControlRecord,
+    "flow_control",
+    FLOW_CONTROL_VERSION,
+    key = key
+);
 
 impl FlowControlRecord {
     /// A new key with the values of its first message.
@@ -277,7 +271,6 @@ pub(crate) fn sample_record() -> FlowControlRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kafka::record::Record;
     use proptest::prelude::*;
 
     const LIMITS: FlowLimits = FlowLimits {
@@ -368,9 +361,7 @@ mod tests {
     #[test]
     fn record_round_trips_and_matches_the_published_schema() {
         let r = sample_record();
-        assert_eq!(FlowControlRecord::decode(&r.encode()).unwrap(), r);
-        let written: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
-        crate::model::schema_test::assert_conforms(&written, "flow_control.v1.json");
+        crate::model::schema_test::assert_round_trip(&r, "flow_control.v1.json");
     }
 
     proptest! {

@@ -1,4 +1,4 @@
-//! Reading the `Upstash-*` control headers of a publish request (`qstash-api.md` §3).
+//! Reading the `Upstash-*` control headers of a publish request.
 //!
 //! Header names are matched without regard to case (the TS SDK lower-cases them, Python does not).
 //! Every header kstash recognises but does not implement yet is refused with a 400 naming it,
@@ -9,7 +9,7 @@
 //! must be an absolute http(s) URL. `…-Forward-X` is forwarded to the callback URL as `X`.
 //! `…-Method`, `…-Timeout`, `…-Retries`, `…-Retry-Delay` and `…-Delay` take the same formats and
 //! limits as the plain headers and configure the callback message; retries and the retry-delay
-//! expression default to the source message's (`qstash-api.md` §5.2), the method to POST, the
+//! expression default to the source message's, the method to POST, the
 //! timeout to the server's. Decisions where the API reference leaves room:
 //! - **Lenient forwarding.** Any other `Upstash-Callback-X` / `Upstash-Failure-Callback-X` is
 //!   forwarded as `X` too, because the Python SDK sends `callback_headers={"X": v}` as

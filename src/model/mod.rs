@@ -64,6 +64,16 @@ pub(crate) mod schema_test {
         serde_json::from_str(text).expect("schema is JSON")
     }
 
+    /// `record` decodes back to itself and what it writes conforms to schema file `name`.
+    pub fn assert_round_trip<R>(record: &R, name: &str)
+    where
+        R: crate::kafka::record::Record + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(&R::decode(&record.encode()).unwrap(), record);
+        let written: Value = serde_json::from_slice(&record.encode()).unwrap();
+        assert_conforms(&written, name);
+    }
+
     /// Panics with the offending path when `written` does not conform to schema file `name`.
     pub fn assert_conforms(written: &Value, name: &str) {
         let root = schema(name);

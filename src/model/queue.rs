@@ -1,15 +1,11 @@
-//! FIFO queues (`qstash-api.md` §2.2, §2.6, §8.3): a queue's settings record and its name rule.
+//! FIFO queues: a queue's settings record and its name rule.
 //!
 //! The settings live on the compacted queues topic (key: the queue name; schema
 //! `schemas/queue.v1.json`), so every process knows every queue. A queue's messages are keyed by
 //! `q:<name>` on the ready topic (see `model::envelope`), which puts one queue on one partition;
 //! the delivery stage then runs at most `parallelism` of them at a time, in order.
 
-use std::borrow::Cow;
-
 use serde::{Deserialize, Serialize};
-
-use crate::kafka::record::JsonRecord;
 
 /// Schema version of [`QueueRecord`].
 pub const QUEUE_VERSION: u32 = 1;
@@ -33,16 +29,7 @@ pub struct QueueRecord {
     pub updated_at: i64,
 }
 
-impl JsonRecord for QueueRecord {
-    const SCHEMA: &'static str = "queue";
-    const VERSION: u32 = QUEUE_VERSION;
-    fn key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(&self.name)
-    }
-    fn version(&self) -> u32 {
-        self.v
-    }
-}
+crate::json_record!(QueueRecord, "queue", QUEUE_VERSION, key = name);
 
 impl QueueRecord {
     /// A new queue.
@@ -101,9 +88,7 @@ mod tests {
     #[test]
     fn record_round_trips_and_matches_the_published_schema() {
         let r = QueueRecord::new("orders", 3, true, 7);
-        assert_eq!(QueueRecord::decode(&r.encode()).unwrap(), r);
+        crate::model::schema_test::assert_round_trip(&r, "queue.v1.json");
         assert_eq!(QueueRecord::schema_header(), "queue.v1");
-        let written: serde_json::Value = serde_json::from_slice(&r.encode()).unwrap();
-        crate::model::schema_test::assert_conforms(&written, "queue.v1.json");
     }
 }

@@ -1,4 +1,4 @@
-//! When to try a failed delivery again (`qstash-api.md` §3.2, §5.2, §5.3).
+//! When to try a failed delivery again.
 //!
 //! Three sources decide the delay before the next attempt, and the caller should consult them in
 //! this order (§5.3 **[INFER]**): a delay the destination asked for in its response headers

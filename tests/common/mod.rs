@@ -349,6 +349,15 @@ impl Receiver {
         r
     }
 
+    /// The next `n` requests, in arrival order (each within `WAIT`).
+    pub async fn take(&mut self, n: usize) -> Vec<Received> {
+        let mut all = Vec::with_capacity(n);
+        for _ in 0..n {
+            all.push(self.next().await);
+        }
+        all
+    }
+
     /// Receives until `done` holds for the deliveries per message id seen so far (since the
     /// receiver started), or panics after `within`. Returns those counts.
     pub async fn collect_until(
@@ -526,6 +535,22 @@ impl Api {
             panic!("{method} {path} {query:?} answered {status} with non-JSON {text:?}: {e}")
         });
         (status, json)
+    }
+
+    /// Enqueues `body` to `queue` for `destination` with extra headers; insists on success;
+    /// returns the message id.
+    pub async fn enqueue(
+        &self,
+        queue: &str,
+        destination: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let (status, json) = self
+            .publish_path(&format!("/v2/enqueue/{queue}/{destination}"), body, headers)
+            .await;
+        assert_eq!(status, 200, "{json}");
+        json["messageId"].as_str().unwrap().to_string()
     }
 
     /// Publishes and insists on success; returns the message id.
