@@ -62,6 +62,7 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub body_limit: usize,
+    pub batch_limit: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }
@@ -96,6 +97,9 @@ pub struct KafkaConfig {
     pub linger: Duration,
     #[serde(with = "humantime_serde")]
     pub produce_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    pub scheduler_group_id: String,
     pub commit_metadata_max_bytes: usize,
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
@@ -243,6 +247,7 @@ impl Config {
         self.validate_topics()?;
         let positive_counts = [
             ("server.body_limit", self.server.body_limit),
+            ("server.batch_limit", self.server.batch_limit),
             (
                 "kafka.commit_metadata_max_bytes",
                 self.kafka.commit_metadata_max_bytes,
@@ -270,6 +275,7 @@ impl Config {
         let positive_durations = [
             ("kafka.session_timeout", self.kafka.session_timeout),
             ("kafka.produce_timeout", self.kafka.produce_timeout),
+            ("kafka.transaction_timeout", self.kafka.transaction_timeout),
             ("delivery.commit_interval", self.delivery.commit_interval),
             ("delivery.timeout", self.delivery.timeout),
             ("delivery.max_timeout", self.delivery.max_timeout),
@@ -308,6 +314,15 @@ impl Config {
         }
         if self.dev.partitions < 1 {
             return invalid("dev.partitions must be at least 1".into());
+        }
+        let (schedules, fires) = (
+            self.topic("schedules").partitions,
+            self.topic("schedule_fires").partitions,
+        );
+        if schedules != fires {
+            return invalid(format!(
+                "topics.schedule_fires.partitions ({fires}) must equal topics.schedules.partitions ({schedules}): a schedule and its fires share a partition number"
+            ));
         }
         Ok(())
     }

@@ -2,7 +2,8 @@
 //!
 //! Data flows one way: `api` validates and produces to Kafka topics (through `state::writer`);
 //! `delay` moves delayed messages down the delay ladder; `delivery` consumes the ready topic and
-//! calls destinations, in order per queue and within flow-control limits. `kafka` holds what is
+//! calls destinations, in order per queue and within flow-control limits; `schedule` fires cron
+//! schedules. `kafka` holds what is
 //! generic about Kafka (clients, the producer, the parallel consumer with its lanes and commit
 //! tracking, the embedded dev cluster) and knows no record types; `model` holds the records and
 //! parsing rules; `state` the views rebuilt from Kafka; `topics` the catalog of topics; `server`
@@ -15,6 +16,7 @@ pub mod delay;
 pub mod delivery;
 pub mod kafka;
 pub mod model;
+pub mod schedule;
 pub mod server;
 pub mod signing;
 pub mod state;

@@ -22,9 +22,12 @@ use crate::delivery::outcome::Sink;
 use crate::delivery::Deliverer;
 use crate::kafka::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
+use crate::kafka::transaction::TxProducer;
 use crate::kafka::{self, Producer, Role, SetupError};
 use crate::model::flow::FlowLimits;
 use crate::model::headers::Limits;
+use crate::model::ids;
+use crate::schedule::{Scheduler, SchedulerTopics};
 use crate::signing::Signer;
 use crate::state::tail;
 use crate::state::writer::Writer;
@@ -105,8 +108,21 @@ pub async fn start(
         config.set_partitions(config.dev.partitions);
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
-    kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
+    let partitions =
+        kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
     let names = TopicNames::of(&config);
+    let (schedules, fires) = (
+        names.state(Kind::Schedules),
+        names.state(Kind::ScheduleFires),
+    );
+    if partitions.get(schedules) != partitions.get(fires) {
+        return Err(SetupError::Topics(format!(
+            "{schedules} and {fires} must have the same number of partitions (they have {:?} and {:?}): a schedule and its fires share a partition number",
+            partitions.get(schedules),
+            partitions.get(fires)
+        ))
+        .into());
+    }
     let producer = Producer::new(&config.kafka)?;
     let router = Router::new(
         producer.clone(),
@@ -198,6 +214,24 @@ pub async fn start(
         shutdown.clone(),
     ));
 
+    let scheduler = Scheduler::new(
+        &config.kafka,
+        SchedulerTopics {
+            schedules: names.state(Kind::Schedules).to_string(),
+            fires: names.state(Kind::ScheduleFires).to_string(),
+            events: names.state(Kind::Events).to_string(),
+            identity_prefix: config.kafka.topic_prefix.clone(),
+        },
+        router.clone(),
+        views.clone(),
+    );
+    let scheduler_shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = scheduler.run(scheduler_shutdown).await {
+            tracing::error!(error = %e, "the scheduler could not start; schedules do not fire");
+        }
+    });
+
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| StartError::Bind(config.server.listen, e))?;
@@ -252,11 +286,23 @@ pub fn api_state(
         names.delay.clone(),
     );
     AppState {
-        writer: Writer::new(producer, router, names, views),
+        writer: Writer::new(
+            producer,
+            router,
+            names,
+            views,
+            TxProducer::new(
+                &config.kafka,
+                // Process-unique: fan-outs of different processes never fence each other.
+                format!("{}-api-{}", config.kafka.client_id, ids::instance_id()),
+                config.kafka.transaction_timeout,
+            ),
+        ),
         signer: Signer::new(&config.signing.current_key, &config.signing.next_key),
         dedup_window: config.state.dedup_window,
         tokens: Tokens::new(config.auth.tokens.clone()),
         body_limit: config.server.body_limit,
+        batch_limit: config.server.batch_limit,
         limits: limits(config),
         max_queue_parallelism: config.queues.max_parallelism,
         global_parallelism: (config.delivery.max_in_flight, in_flight),

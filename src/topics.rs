@@ -114,6 +114,9 @@ mod tests {
             "kstash.state.dedup",
             "kstash.state.queues",
             "kstash.state.flow_control",
+            "kstash.state.url_groups",
+            "kstash.state.schedules",
+            "kstash.state.schedule_fires",
         ] {
             assert!(names.contains(&expected), "{expected} in {names:?}");
         }

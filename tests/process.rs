@@ -431,3 +431,77 @@ async fn two_processes_keep_every_queue_in_order_when_one_is_killed() {
     drop(second);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_schedule_fires_each_time_once_through_the_takeover_of_a_killed_owner() {
+    const NEXT_MINUTE: Duration = Duration::from_secs(75);
+    const MINUTE_MS: i64 = 60_000;
+    let kafka = TestKafka::new();
+    kafka.create_topics(&kafka.config());
+    let dir = scratch_dir();
+    let mut receiver = Receiver::start().await;
+    let mut owner = ServeProcess::spawn(&kafka, &dir, "owner", 8).await;
+    let (status, created) = owner
+        .api()
+        .publish_path(
+            &format!("/v2/schedules/{}", receiver.url("/tick")),
+            "tick",
+            &[
+                ("Upstash-Cron", "* * * * *"),
+                ("Upstash-Schedule-Id", "takeover"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{created}");
+
+    // The owner fires a minute, then dies (its delivery of that fire may be in flight, and then
+    // is made again by the successor: a duplicate delivery of the same message is allowed, a
+    // second message for the same time is not); a new process takes the schedule over.
+    let first = receiver.next_within(NEXT_MINUTE).await;
+    owner.signal("-KILL");
+    assert!(!owner.exited(WAIT).await);
+    let successor = ServeProcess::spawn(&kafka, &dir, "successor", 8).await;
+    let mut fires: Vec<common::Received> = vec![first];
+    let deadline = tokio::time::Instant::now() + NEXT_MINUTE + WAIT;
+    while fires
+        .iter()
+        .map(|r| r.message_id())
+        .collect::<HashSet<_>>()
+        .len()
+        < 2
+    {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        fires.push(receiver.next_within(left).await);
+    }
+    // Anything arriving now would be a further fire or a repeat.
+    while let Ok(r) = tokio::time::timeout(Duration::from_secs(5), receiver.next()).await {
+        fires.push(r);
+    }
+    let minute = |r: &common::Received| r.wall_ms / MINUTE_MS * MINUTE_MS;
+    let mut first_minute_of: Vec<(String, i64)> = Vec::new();
+    for r in &fires {
+        assert_eq!(r.header("upstash-schedule-id"), Some("takeover"));
+        if !first_minute_of.iter().any(|(id, _)| *id == r.message_id()) {
+            first_minute_of.push((r.message_id(), minute(r)));
+        }
+    }
+    assert_eq!(
+        first_minute_of.len(),
+        2,
+        "one message per fire time: {first_minute_of:?}"
+    );
+    assert_eq!(
+        first_minute_of[1].1 - first_minute_of[0].1,
+        MINUTE_MS,
+        "the successor fired the next minute once and did not fire the owner's again"
+    );
+    eprintln!(
+        "schedule takeover: {} deliveries for 2 fire times ({} repeated after the kill)",
+        fires.len(),
+        fires.len() - 2
+    );
+    let log = successor.log_text();
+    assert!(log.contains("schedules partition taken over"), "{log}");
+    drop(successor);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -4,6 +4,7 @@
 //! The API only validates and produces to Kafka; it knows nothing of delivery.
 
 pub mod auth;
+pub mod batch;
 pub mod dlq;
 pub mod error;
 pub mod events;
@@ -14,6 +15,8 @@ pub mod publish;
 pub mod query;
 pub mod queues;
 pub mod render;
+pub mod schedules;
+pub mod url_groups;
 
 use axum::http::Uri;
 use axum::middleware;
@@ -38,6 +41,8 @@ pub struct AppState {
     pub signer: Signer,
     pub tokens: auth::Tokens,
     pub body_limit: usize,
+    /// Largest `POST /v2/batch` body.
+    pub batch_limit: usize,
     pub limits: crate::model::headers::Limits,
     pub dedup_window: std::time::Duration,
     /// Largest queue parallelism (more: 412).
@@ -64,6 +69,9 @@ pub fn router(state: AppState) -> Router {
         .merge(dlq::router())
         .merge(queues::router())
         .merge(flow_control::router())
+        .merge(url_groups::router())
+        .merge(batch::router())
+        .merge(schedules::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(

@@ -1,14 +1,21 @@
 //! `POST /v2/publish/{destination}` and `POST /v2/enqueue/{queue}/{destination}`: accept a
-//! message and store it in Kafka.
+//! message and store it in Kafka. The same core serves each item of `POST /v2/batch`.
 //!
-//! The destination is read from the raw request target (see `model::destination`); the answer
-//! `{"messageId","url"}` is sent only after Kafka acknowledged the envelope on the ready topic, or
-//! on the delay ladder when it is due later (`acks=all`), so an accepted message survives any
-//! crash from then on. Enqueue is the same with the message keyed by its queue (so the delivery
-//! stage runs it in order); the queue is created with parallelism 1 when missing, and
-//! `Upstash-Delay` / `Upstash-Not-Before` are refused with a 400 as the hosted service does (a
-//! delayed message cannot hold its place in a FIFO queue). A publish with flow control also keeps
-//! the key's settings record up to date (the newest message's values, unless pinned).
+//! The destination is read from the raw request target (see `model::destination`): a URL, or the
+//! name of a URL group. The answer is sent only after Kafka acknowledged what it promises
+//! (`acks=all`), so an accepted message survives any crash from then on:
+//! - to a URL, `{"messageId","url"}` once the envelope is on the ready topic (or on the delay
+//!   ladder when it is due later);
+//! - to a URL group, a top-level JSON array of those, one per endpoint, once the per-endpoint
+//!   messages (each with its own id, retries and DLQ entry) are written in **one Kafka
+//!   transaction**, so a crash never leaves half a group published. Deduplication applies per
+//!   endpoint.
+//!
+//! Enqueue is the same with the message keyed by its queue (so the delivery stage runs it in
+//! order); the queue is created with parallelism 1 when missing, and `Upstash-Delay` /
+//! `Upstash-Not-Before` are refused with a 400 as the hosted service does (a delayed message
+//! cannot hold its place in a FIFO queue). A publish with flow control also keeps the key's
+//! settings record up to date (the newest message's values, unless pinned).
 
 use std::net::SocketAddr;
 
@@ -25,11 +32,13 @@ use super::error::ApiError;
 use super::messages::query_store;
 use super::AppState;
 use crate::model::dedup::{DedupRecord, DEDUP_VERSION};
-use crate::model::envelope::{Envelope, ENVELOPE_VERSION};
+use crate::model::destination::{self, Destination};
+use crate::model::envelope::Envelope;
 use crate::model::flow::{FlowControl, FlowControlRecord};
-use crate::model::headers::{Dedup, PublishOptions};
+use crate::model::headers::{self, Dedup, PublishOptions};
 use crate::model::queue::{validate_name, QueueRecord, DEFAULT_PARALLELISM};
-use crate::model::{destination, headers, ids, now_ms};
+use crate::model::schedule::{MessageSpec, Target};
+use crate::model::{ids, now_ms};
 
 /// Path prefix in front of the raw destination of a publish.
 pub const PUBLISH_PREFIX: &str = "/v2/publish/";
@@ -48,17 +57,79 @@ pub fn router() -> Router<AppState> {
         .route("/v2/enqueue", post(enqueue))
 }
 
+/// One publish, parsed: where to, what, and how duplicates are recognised.
+pub struct Publish {
+    pub destination: Destination,
+    pub queue: Option<String>,
+    pub spec: MessageSpec,
+    /// Not to be delivered before (unix ms); `None` means at once.
+    pub not_before: Option<i64>,
+    pub dedup: Option<Dedup>,
+    pub now: i64,
+}
+
+impl Publish {
+    /// A publish of `body` to `destination` with the (already parsed) headers.
+    pub fn new(
+        destination: Destination,
+        queue: Option<String>,
+        options: PublishOptions,
+        body: Vec<u8>,
+        caller_ip: Option<String>,
+        now: i64,
+    ) -> Self {
+        Publish {
+            destination,
+            queue,
+            not_before: options.not_before,
+            dedup: options.dedup,
+            now,
+            spec: MessageSpec {
+                method: options.method,
+                header: options.forward,
+                body,
+                max_retries: options.max_retries,
+                retry_delay_expression: options.retry_delay,
+                timeout_ms: options
+                    .timeout
+                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                delay_ms: None,
+                labels: options.labels,
+                callback: options.callback,
+                failure_callback: options.failure_callback,
+                flow_control: options.flow_control,
+                caller_ip,
+            },
+        }
+    }
+
+    /// The message for one target.
+    fn envelope(&self, target: Target) -> Envelope {
+        let mut e = self.spec.envelope(
+            ids::message_id(),
+            target,
+            self.queue.clone(),
+            None,
+            self.now,
+        );
+        e.not_before = self.not_before.unwrap_or(self.now);
+        e
+    }
+}
+
 async fn publish(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let caller_ip = caller_ip(&request);
     let (parts, body) = request.into_parts();
-    let url = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
+    let destination = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
     let now = now_ms();
     let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
     let body = read_body(body, state.body_limit).await?;
-    store(&state, envelope(url, options, body, caller_ip, None, now)).await
+    let publish = Publish::new(destination, None, options, body, caller_ip, now);
+    let (status, reply) = store(&state, publish).await?;
+    Ok((status, Json(reply)))
 }
 
 async fn enqueue(
@@ -75,27 +146,17 @@ async fn enqueue(
     let queue = rest.split('/').next().unwrap_or_default().to_string();
     validate_name("queue name", &queue).map_err(ApiError::BadRequest)?;
     refuse_delays(&parts.headers)?;
-    let url = destination::from_uri(&parts.uri, &format!("{ENQUEUE_PREFIX}{queue}/"))?;
+    let destination = destination::from_uri(&parts.uri, &format!("{ENQUEUE_PREFIX}{queue}/"))?;
     let now = now_ms();
     let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
     let body = read_body(body, state.body_limit).await?;
-    if state.writer.views().queues.get(&queue).is_none() {
-        let record = QueueRecord::new(&queue, DEFAULT_PARALLELISM, false, now);
-        state
-            .writer
-            .put(record)
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("queue not created, safe to retry: {e}")))?;
-        tracing::info!(queue, "queue created by its first enqueue");
-    }
-    store(
-        &state,
-        envelope(url, options, body, caller_ip, Some(queue), now),
-    )
-    .await
+    let publish = Publish::new(destination, Some(queue), options, body, caller_ip, now);
+    let (status, reply) = store(&state, publish).await?;
+    Ok((status, Json(reply)))
 }
 
-fn refuse_delays(headers: &HeaderMap) -> Result<(), ApiError> {
+/// `Upstash-Delay` and `Upstash-Not-Before` are refused on enqueue.
+pub fn refuse_delays(headers: &HeaderMap) -> Result<(), ApiError> {
     for name in NOT_ON_ENQUEUE {
         if headers.contains_key(name) {
             return Err(ApiError::BadRequest(format!(
@@ -106,100 +167,133 @@ fn refuse_delays(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn caller_ip(request: &Request) -> Option<String> {
+pub fn caller_ip(request: &Request) -> Option<String> {
     request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip().to_string())
 }
 
-/// A new message, with the dedup rule its headers asked for.
-struct NewMessage {
-    envelope: Envelope,
-    dedup: Option<Dedup>,
+/// Creates the queue with parallelism 1 if it has no settings yet.
+async fn ensure_queue(state: &AppState, queue: &str, now: i64) -> Result<(), ApiError> {
+    if state.views().queues.get(queue).is_none() {
+        let record = QueueRecord::new(queue, DEFAULT_PARALLELISM, false, now);
+        state
+            .writer
+            .put(record)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("queue not created, safe to retry: {e}")))?;
+        tracing::info!(queue, "queue created by its first enqueue");
+    }
+    Ok(())
 }
 
-fn envelope(
-    url: String,
-    options: PublishOptions,
-    body: Vec<u8>,
-    caller_ip: Option<String>,
-    queue_name: Option<String>,
+/// Stores a publish (unless it is a duplicate) and answers as the SDKs expect: the status and
+/// the JSON (an object for a URL, an array for a URL group).
+pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Value), ApiError> {
+    if let Some(queue) = &publish.queue {
+        ensure_queue(state, queue, publish.now).await?;
+    }
+    let reply = match &publish.destination {
+        Destination::Url(url) => {
+            let target = Target {
+                url: url.clone(),
+                topic_name: None,
+                endpoint_name: None,
+            };
+            let envelope = publish.envelope(target);
+            let key = publish
+                .dedup
+                .as_ref()
+                .map(|d| dedup_key(d, &envelope, false));
+            if let Some(original) = duplicate_of(state, key.clone(), publish.now).await? {
+                return Ok((StatusCode::ACCEPTED, original));
+            }
+            accept(state, &envelope).await?;
+            remember(state, key, &envelope).await;
+            json!({ "messageId": envelope.message_id, "url": envelope.url })
+        }
+        Destination::Group(name) => {
+            let group = state
+                .views()
+                .url_groups
+                .get(name)
+                .ok_or_else(|| ApiError::NotFound(format!("URL group {name:?} not found")))?;
+            let mut replies = Vec::new();
+            let mut fresh = Vec::new();
+            for endpoint in group.endpoints {
+                let envelope = publish.envelope(Target {
+                    url: endpoint.url,
+                    topic_name: Some(group.name.clone()),
+                    endpoint_name: endpoint.name,
+                });
+                let key = publish
+                    .dedup
+                    .as_ref()
+                    .map(|d| dedup_key(d, &envelope, true));
+                match duplicate_of(state, key.clone(), publish.now).await? {
+                    Some(original) => replies.push(original),
+                    None => {
+                        replies
+                            .push(json!({ "messageId": envelope.message_id, "url": envelope.url }));
+                        fresh.push((envelope, key));
+                    }
+                }
+            }
+            let envelopes: Vec<Envelope> = fresh.iter().map(|(e, _)| e.clone()).collect();
+            if !envelopes.is_empty() {
+                state.writer.accept_all(&envelopes).await.map_err(|e| {
+                    ApiError::Unavailable(format!("messages not stored, safe to retry: {e}"))
+                })?;
+                tracing::debug!(group = %name, messages = envelopes.len(), "fanned out");
+            }
+            for (envelope, key) in fresh {
+                remember(state, key, &envelope).await;
+            }
+            Value::Array(replies)
+        }
+    };
+    if let Some(values) = &publish.spec.flow_control {
+        remember_flow_control(state, values, publish.now).await;
+    }
+    Ok((StatusCode::OK, reply))
+}
+
+/// The answer for a duplicate of an earlier publish, if `key` names a live one.
+async fn duplicate_of(
+    state: &AppState,
+    key: Option<String>,
     now: i64,
-) -> NewMessage {
-    NewMessage {
-        envelope: Envelope {
-            v: ENVELOPE_VERSION,
-            message_id: ids::message_id(),
-            url,
-            method: options.method,
-            header: options.forward,
-            body,
-            created_at: now,
-            not_before: options.not_before.unwrap_or(now),
-            max_retries: options.max_retries,
-            retried: 0,
-            retry_delay_expression: options.retry_delay,
-            timeout_ms: options
-                .timeout
-                .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            labels: options.labels,
-            caller_ip,
-            callback: options.callback,
-            failure_callback: options.failure_callback,
-            queue_name,
-            flow_control: options.flow_control,
-        },
-        dedup: options.dedup,
-    }
+) -> Result<Option<Value>, ApiError> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let existing = query_store(&state.views().store, move |s| s.dedup(&key, now)).await?;
+    Ok(existing.map(|original| {
+        tracing::debug!(message_id = %original.message_id, "duplicate publish; not stored again");
+        json!({
+            "messageId": original.message_id,
+            "url": original.url,
+            "deduplicated": true,
+        })
+    }))
 }
 
-/// Stores a new message (unless it is a duplicate) and answers as the SDKs expect.
-async fn store(state: &AppState, new: NewMessage) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let NewMessage { envelope, dedup } = new;
-    let now = envelope.created_at;
-    let dedup_key = dedup.as_ref().map(|d| dedup_key(d, &envelope));
-    if let Some(key) = dedup_key.clone() {
-        let existing =
-            query_store(&state.writer.views().store, move |s| s.dedup(&key, now)).await?;
-        if let Some(original) = existing {
-            tracing::debug!(message_id = %original.message_id, "duplicate publish; not stored again");
-            return Ok((
-                StatusCode::ACCEPTED,
-                Json(json!({
-                    "messageId": original.message_id,
-                    "url": original.url,
-                    "deduplicated": true,
-                })),
-            ));
-        }
+/// Records the dedup key of a stored message. The message is stored either way; without the
+/// record a retried publish would be stored twice, which at-least-once allows.
+async fn remember(state: &AppState, key: Option<String>, envelope: &Envelope) {
+    let Some(key) = key else { return };
+    let window = i64::try_from(state.dedup_window.as_millis()).unwrap_or(i64::MAX);
+    let record = DedupRecord {
+        v: DEDUP_VERSION,
+        key,
+        message_id: envelope.message_id.clone(),
+        url: envelope.url.clone(),
+        expires_at: envelope.created_at.saturating_add(window),
+    };
+    if let Err(e) = state.writer.put(record).await {
+        tracing::warn!(message_id = %envelope.message_id, error = %e, "dedup id not recorded");
     }
-    accept(state, &envelope).await?;
-    if let Some(key) = dedup_key {
-        let window = i64::try_from(state.dedup_window.as_millis()).unwrap_or(i64::MAX);
-        let record = DedupRecord {
-            v: DEDUP_VERSION,
-            key,
-            message_id: envelope.message_id.clone(),
-            url: envelope.url.clone(),
-            expires_at: now.saturating_add(window),
-        };
-        // The message is stored either way; without the record a retried publish would be
-        // stored twice, which at-least-once allows.
-        if let Err(e) = state.writer.put(record).await {
-            tracing::warn!(message_id = %envelope.message_id, error = %e, "dedup id not recorded");
-        }
-    }
-    if let Some(values) = &envelope.flow_control {
-        remember_flow_control(state, values, now).await;
-    }
-    Ok((
-        StatusCode::OK,
-        Json(json!({
-            "messageId": envelope.message_id,
-            "url": envelope.url,
-        })),
-    ))
 }
 
 /// Stores a new message: the envelope (ready topic or delay ladder) and its CREATED event. Answers
@@ -224,7 +318,7 @@ pub async fn accept(state: &AppState, envelope: &Envelope) -> Result<(), ApiErro
 /// The message is stored either way, and the delivery stage reads the values off the message
 /// itself, so a failure here only leaves `GET /v2/flowControl` behind: it is logged.
 async fn remember_flow_control(state: &AppState, values: &FlowControl, now: i64) {
-    let next = match state.writer.views().flow.get(&values.key) {
+    let next = match state.views().flow.get(&values.key) {
         None => Some(FlowControlRecord::new(values, now)),
         Some(current) => current.with_message_values(values, now),
     };
@@ -235,9 +329,12 @@ async fn remember_flow_control(state: &AppState, values: &FlowControl, now: i64)
     }
 }
 
-/// The dedup key of a publish: the id as given, or a hash of what makes the content.
-fn dedup_key(dedup: &Dedup, envelope: &Envelope) -> String {
+/// The dedup key of a publish: the id as given (per endpoint for a URL group, as the hosted
+/// service does), or a hash of what makes the content (destination, queue, body, forwarded
+/// headers).
+fn dedup_key(dedup: &Dedup, envelope: &Envelope, per_endpoint: bool) -> String {
     match dedup {
+        Dedup::Id(id) if per_endpoint => format!("id:{id} {}", envelope.url),
         Dedup::Id(id) => format!("id:{id}"),
         Dedup::Content => {
             let mut hash = Sha256::new();
@@ -266,7 +363,7 @@ fn dedup_key(dedup: &Dedup, envelope: &Envelope) -> String {
 }
 
 /// Reads the whole body, refusing more than `limit` bytes with 413.
-async fn read_body(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => Ok(bytes.to_vec()),
         Err(e) => {

@@ -2,8 +2,7 @@
 //!
 //! The SDKs repeat a key for several values (`label=a&label=b`); the docs also allow one
 //! comma-separated value (`label=a,b`): both are read. Values of one filter are ORed, different
-//! filters ANDed. Filters name fields of the message; a filter on a feature
-//! no message has yet (URL groups, schedules) matches nothing.
+//! filters ANDed. Filters name fields of the message.
 
 use axum::http::Uri;
 use serde::Deserialize;
@@ -111,8 +110,8 @@ pub struct Filter {
     response_statuses: Vec<u16>,
     queue_names: Vec<String>,
     flow_control_keys: Vec<String>,
-    /// Filters on features no message has yet (topicName, scheduleId).
-    unmatched_features: bool,
+    topic_names: Vec<String>,
+    schedule_ids: Vec<String>,
     from_ms: Option<i64>,
     to_ms: Option<i64>,
 }
@@ -155,9 +154,8 @@ impl Filter {
         }
         f.queue_names = q.all("queueName");
         f.flow_control_keys = q.all("flowControlKey");
-        f.unmatched_features = ["topicName", "scheduleId"]
-            .iter()
-            .any(|k| !q.all(k).is_empty());
+        f.topic_names = q.all("topicName");
+        f.schedule_ids = q.all("scheduleId");
         f.from_ms = q.int("fromDate")?;
         f.to_ms = q.int("toDate")?;
         Ok(f)
@@ -175,7 +173,8 @@ impl Filter {
             && self.response_statuses.is_empty()
             && self.queue_names.is_empty()
             && self.flow_control_keys.is_empty()
-            && !self.unmatched_features
+            && self.topic_names.is_empty()
+            && self.schedule_ids.is_empty()
             && self.from_ms.is_none()
             && self.to_ms.is_none()
     }
@@ -188,6 +187,8 @@ impl Filter {
             caller_ip,
             queue,
             flow_control_key,
+            topic_name,
+            schedule_id,
         } = m;
         let any =
             |wanted: &[String], have: &str| wanted.is_empty() || wanted.iter().any(|w| w == have);
@@ -195,8 +196,7 @@ impl Filter {
             wanted.is_empty() || have.is_some_and(|h| wanted.iter().any(|w| w == h))
         };
         let parsed = reqwest::Url::parse(url).ok();
-        !self.unmatched_features
-            && any(&self.message_ids, id)
+        any(&self.message_ids, id)
             && any(&self.urls, url)
             && any(
                 &self.hosts,
@@ -213,6 +213,8 @@ impl Filter {
             && any(&self.caller_ips, caller_ip.unwrap_or_default())
             && any_of(&self.queue_names, queue)
             && any_of(&self.flow_control_keys, flow_control_key)
+            && any_of(&self.topic_names, topic_name)
+            && any_of(&self.schedule_ids, schedule_id)
             && self.from_ms.is_none_or(|f| time >= f)
             && self.to_ms.is_none_or(|t| time <= t)
     }
@@ -231,6 +233,8 @@ impl Filter {
             caller_ip: e.caller_ip.as_deref(),
             queue: e.queue_name.as_deref(),
             flow_control_key: e.flow_control_key.as_deref(),
+            topic_name: e.topic_name.as_deref(),
+            schedule_id: e.schedule_id.as_deref(),
         };
         self.common(fields, e.time) && (self.states.is_empty() || self.states.contains(&e.state))
     }
@@ -253,6 +257,8 @@ struct Fields<'a> {
     caller_ip: Option<&'a str>,
     queue: Option<&'a str>,
     flow_control_key: Option<&'a str>,
+    topic_name: Option<&'a str>,
+    schedule_id: Option<&'a str>,
 }
 
 impl<'a> Fields<'a> {
@@ -264,6 +270,8 @@ impl<'a> Fields<'a> {
             caller_ip: m.caller_ip.as_deref(),
             queue: m.queue_name.as_deref(),
             flow_control_key: m.flow_control.as_ref().map(|fc| fc.key.as_str()),
+            topic_name: m.topic_name.as_deref(),
+            schedule_id: m.schedule_id.as_deref(),
         }
     }
 }
@@ -321,10 +329,8 @@ mod tests {
         let mut plain = sample();
         plain.queue_name = None;
         assert!(!f("queueName=orders").matches_message(&plain));
-        assert!(
-            !f("topicName=g").matches_message(&m),
-            "no message has a URL group yet"
-        );
+        assert!(f("topicName=group&scheduleId=scd_1").matches_message(&m));
+        assert!(!f("topicName=other").matches_message(&m));
         assert!(
             Filter::from_query(&q("host=x"), &[]).is_err(),
             "DLQ refuses host"

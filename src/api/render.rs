@@ -70,6 +70,9 @@ pub fn message(m: &Envelope) -> Map<String, Value> {
     put_labels(&mut o, &m.labels);
     put_caller_ip(&mut o, m.caller_ip.as_ref());
     put(&mut o, "queueName", m.queue_name.as_ref());
+    put(&mut o, "topicName", m.topic_name.as_ref());
+    put(&mut o, "endpointName", m.endpoint_name.as_ref());
+    put(&mut o, "scheduleId", m.schedule_id.as_ref());
     put_flow_control(&mut o, m.flow_control.as_ref());
     o
 }
@@ -130,6 +133,9 @@ pub fn event(e: &Event) -> Value {
     put_labels(&mut o, &e.labels);
     put_caller_ip(&mut o, e.caller_ip.as_ref());
     put(&mut o, "queueName", e.queue_name.as_ref());
+    put(&mut o, "topicName", e.topic_name.as_ref());
+    put(&mut o, "endpointName", e.endpoint_name.as_ref());
+    put(&mut o, "scheduleId", e.schedule_id.as_ref());
     match e.message.as_deref().and_then(|m| m.flow_control.as_ref()) {
         Some(fc) => put_flow_control(&mut o, Some(fc)),
         None => put(&mut o, "flowControlKey", e.flow_control_key.as_ref()),

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::kafka::consumer::{Admission, Done, RecordHandler};
 use crate::kafka::producer::{until_acked, Ack};
 use crate::kafka::record::{Record, SCHEMA_HEADER};
+use crate::kafka::transaction::Outgoing;
 use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::now_ms;
@@ -61,16 +62,34 @@ impl Router {
 
     /// Stores a message where it belongs now; resolves once acknowledged.
     pub async fn send(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
+        let (topic, headers) =
+            self.route(Self::headers_of(envelope), envelope.not_before, now_ms());
+        self.producer
+            .send_raw(
+                topic,
+                &envelope.ordering_key(),
+                Some(&envelope.encode()),
+                &headers,
+            )
+            .await
+    }
+
+    /// The record storing a message where it belongs at `now_ms`, for a transaction.
+    pub fn outgoing(&self, envelope: &Envelope, now_ms: i64) -> Outgoing {
+        let (topic, headers) = self.route(Self::headers_of(envelope), envelope.not_before, now_ms);
+        Outgoing {
+            topic: topic.to_string(),
+            partition: None,
+            key: envelope.ordering_key().into_owned(),
+            value: Some(envelope.encode()),
+            headers,
+        }
+    }
+
+    fn headers_of(envelope: &Envelope) -> Vec<(&'static str, String)> {
         let mut headers = vec![(SCHEMA_HEADER, Envelope::schema_header())];
         headers.extend(envelope.kafka_headers());
-        self.send_raw(
-            &envelope.ordering_key(),
-            &envelope.encode(),
-            headers,
-            envelope.not_before,
-            now_ms(),
-        )
-        .await
+        headers
     }
 
     /// Sends an encoded message record (with its other `headers`) to the ready topic or to the
@@ -79,21 +98,32 @@ impl Router {
         &self,
         key: &str,
         value: &[u8],
-        mut headers: Vec<(&str, String)>,
+        headers: Vec<(&str, String)>,
         not_before_ms: i64,
         now_ms: i64,
     ) -> Result<Ack, KafkaError> {
-        let topic = match self.ladder.route(not_before_ms, now_ms) {
-            Hop::Ready => &self.ready,
-            Hop::Delay { step, hop_due_ms } => {
-                headers.push((NOT_BEFORE_HEADER, not_before_ms.to_string()));
-                headers.push((HOP_DUE_HEADER, hop_due_ms.to_string()));
-                &self.steps[step]
-            }
-        };
+        let (topic, headers) = self.route(headers, not_before_ms, now_ms);
         self.producer
             .send_raw(topic, key, Some(value), &headers)
             .await
+    }
+
+    /// The topic a record due at `not_before_ms` goes to at `now_ms`, with the ladder's headers
+    /// added to `headers` for a delay step.
+    fn route<'h>(
+        &self,
+        mut headers: Vec<(&'h str, String)>,
+        not_before_ms: i64,
+        now_ms: i64,
+    ) -> (&str, Vec<(&'h str, String)>) {
+        match self.ladder.route(not_before_ms, now_ms) {
+            Hop::Ready => (&self.ready, headers),
+            Hop::Delay { step, hop_due_ms } => {
+                headers.push((NOT_BEFORE_HEADER, not_before_ms.to_string()));
+                headers.push((HOP_DUE_HEADER, hop_due_ms.to_string()));
+                (&self.steps[step], headers)
+            }
+        }
     }
 }
 

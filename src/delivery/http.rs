@@ -109,6 +109,12 @@ impl HttpDelivery {
         if let Some(ip) = &envelope.caller_ip {
             set("upstash-caller-ip", ip)?;
         }
+        if let Some(group) = &envelope.topic_name {
+            set("upstash-topic-name", group)?;
+        }
+        if let Some(schedule) = &envelope.schedule_id {
+            set("upstash-schedule-id", schedule)?;
+        }
         let timeout = envelope
             .timeout_ms
             .map(Duration::from_millis)
@@ -232,6 +238,8 @@ mod tests {
         assert_eq!(h["upstash-retried"], "0");
         assert!(h.contains_key("upstash-signature"));
         assert_eq!(h["upstash-caller-ip"], "127.0.0.1");
+        assert_eq!(h["upstash-topic-name"], "group");
+        assert_eq!(h["upstash-schedule-id"], "scd_1");
         assert_eq!(
             req.timeout(),
             Some(&Duration::from_secs(1)),

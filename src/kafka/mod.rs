@@ -13,6 +13,7 @@ pub mod offsets;
 pub mod producer;
 pub mod record;
 pub mod topics;
+pub mod transaction;
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub enum Role {
 
 /// librdkafka keys kstash sets from typed options or for correctness, with the typed key (or
 /// reason) to name in the error.
-const OWNED_KEYS: [(&str, &str); 13] = [
+const OWNED_KEYS: [(&str, &str); 15] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("metadata.broker.list", "kafka.brokers"),
     ("client.id", "kafka.client_id"),
@@ -49,6 +50,11 @@ const OWNED_KEYS: [(&str, &str); 13] = [
         "enable.auto.offset.store",
         "kstash commits only finished offsets",
     ),
+    (
+        "transactional.id",
+        "kstash gives each transactional writer its own identity",
+    ),
+    ("transaction.timeout.ms", "kafka.transaction_timeout"),
 ];
 
 /// Heartbeats per session timeout; librdkafka wants the interval well below the timeout.

@@ -5,6 +5,7 @@
 //! confirm. On the embedded cluster, CreateTopics is not implemented (the call hangs), so topics
 //! are created through the mock API instead; both paths end in the same metadata check.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -29,12 +30,13 @@ pub struct TopicSpec {
     pub config: Vec<(String, String)>,
 }
 
-/// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists.
+/// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists; returns
+/// each topic's actual number of partitions.
 pub async fn ensure(
     kafka: &KafkaConfig,
     specs: Vec<TopicSpec>,
     embedded: Option<&EmbeddedCluster>,
-) -> Result<(), SetupError> {
+) -> Result<HashMap<String, i32>, SetupError> {
     match embedded {
         Some(cluster) => {
             for s in &specs {
@@ -82,9 +84,13 @@ async fn create(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupErr
 
 /// Waits (up to [`ADMIN_TIMEOUT`]) until every topic shows up in metadata: a real cluster
 /// propagates newly created topics to all brokers with a short lag.
-fn check_exist(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
+fn check_exist(
+    kafka: &KafkaConfig,
+    specs: &[TopicSpec],
+) -> Result<HashMap<String, i32>, SetupError> {
     let client: BaseConsumer = create_client(kafka, Role::Admin)?;
     let deadline = std::time::Instant::now() + ADMIN_TIMEOUT;
+    let mut counts = HashMap::new();
     for s in specs {
         loop {
             match topic_partitions(&client, &s.name) {
@@ -95,6 +101,7 @@ fn check_exist(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupErro
                             "topic has fewer partitions than configured; kstash does not add partitions"
                         );
                     }
+                    counts.insert(s.name.clone(), partitions);
                     break;
                 }
                 Err(e) if std::time::Instant::now() < deadline => {
@@ -105,7 +112,7 @@ fn check_exist(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupErro
             }
         }
     }
-    Ok(())
+    Ok(counts)
 }
 
 /// Partitions of `topic`, or why it is not usable.

@@ -95,6 +95,9 @@ impl Callback {
             failure_callback: None,
             queue_name: None,
             flow_control: None,
+            topic_name: None,
+            endpoint_name: None,
+            schedule_id: None,
         }
     }
 }

@@ -3,6 +3,7 @@
 //! The SDKs put the destination URL into the path unencoded (`/v2/publish/https://x.com/p?q=1`), so
 //! the destination is the raw path remainder plus the raw query string. We
 //! work on the raw `Uri`, never on decoded path parameters, so `//` and `%2F` survive untouched.
+//! A destination that is not an `http(s)://` URL is the name of a URL group.
 
 use axum::http::Uri;
 
@@ -13,12 +14,42 @@ pub enum DestinationError {
     Missing,
     #[error("destination {0:?} is not a valid URL: {1}")]
     InvalidUrl(String, String),
-    #[error("destination {0:?} must be an http:// or https:// URL (URL groups and api/ destinations are not supported yet)")]
+    #[error("destination {0:?} must be an http:// or https:// URL")]
     NotAUrl(String),
+    #[error("destination {0:?} is neither an http(s) URL nor a URL group name: {1}")]
+    NotAGroup(String, String),
+    #[error("destination {0:?}: api/ destinations are not supported yet")]
+    Api(String),
+}
+
+/// A publish's destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Url(String),
+    /// A URL group, by name.
+    Group(String),
+}
+
+/// Prefix of the hosted service's built-in destinations (`api/llm`).
+const API_PREFIX: &str = "api/";
+
+/// Reads a raw destination: an http(s) URL, else a URL group name.
+pub fn parse(raw: &str) -> Result<Destination, DestinationError> {
+    let lower = raw.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        validate_url(raw)?;
+        return Ok(Destination::Url(raw.to_string()));
+    }
+    if raw.starts_with(API_PREFIX) {
+        return Err(DestinationError::Api(raw.to_string()));
+    }
+    super::queue::validate_name("URL group name", raw)
+        .map_err(|e| DestinationError::NotAGroup(raw.to_string(), e))?;
+    Ok(Destination::Group(raw.to_string()))
 }
 
 /// The destination of a publish: everything after `prefix` in the path, plus `?query` if any.
-pub fn from_uri(uri: &Uri, prefix: &str) -> Result<String, DestinationError> {
+pub fn from_uri(uri: &Uri, prefix: &str) -> Result<Destination, DestinationError> {
     let path = uri.path();
     let rest = path.strip_prefix(prefix).unwrap_or_default();
     if rest.is_empty() {
@@ -28,8 +59,7 @@ pub fn from_uri(uri: &Uri, prefix: &str) -> Result<String, DestinationError> {
         Some(q) => format!("{rest}?{q}"),
         None => rest.to_string(),
     };
-    validate_url(&raw)?;
-    Ok(raw)
+    parse(&raw)
 }
 
 /// Accepts absolute http(s) URLs with a host; refuses everything else with a reason.
@@ -56,7 +86,10 @@ mod tests {
     const P: &str = "/v2/publish/";
 
     fn dest(target: &str) -> Result<String, DestinationError> {
-        from_uri(&target.parse::<Uri>().unwrap(), P)
+        match from_uri(&target.parse::<Uri>().unwrap(), P)? {
+            Destination::Url(url) => Ok(url),
+            Destination::Group(name) => Ok(format!("group:{name}")),
+        }
     }
 
     #[test]
@@ -78,13 +111,14 @@ mod tests {
     #[test]
     fn refuses_non_urls() {
         assert_eq!(dest("/v2/publish/"), Err(DestinationError::Missing));
+        assert_eq!(dest("/v2/publish/my-group").unwrap(), "group:my-group");
         assert!(matches!(
-            dest("/v2/publish/my-group"),
-            Err(DestinationError::NotAUrl(_))
+            dest("/v2/publish/api/llm"),
+            Err(DestinationError::Api(_))
         ));
         assert!(matches!(
             dest("/v2/publish/ftp://x.com"),
-            Err(DestinationError::NotAUrl(_))
+            Err(DestinationError::NotAGroup(..))
         ));
         assert!(matches!(
             dest("/v2/publish/https://"),

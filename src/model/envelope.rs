@@ -88,6 +88,15 @@ pub struct Envelope {
     /// `Upstash-Flow-Control-Key` and `-Value`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_control: Option<FlowControl>,
+    /// The URL group the message was published to (one message per endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_name: Option<String>,
+    /// The name of that group's endpoint, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_name: Option<String>,
+    /// The schedule that published the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
 }
 
 impl Envelope {
@@ -172,6 +181,9 @@ pub(crate) fn sample() -> Envelope {
             rate: Some(10),
             period_ms: 60_000,
         }),
+        topic_name: Some("group".into()),
+        endpoint_name: Some("first".into()),
+        schedule_id: Some("scd_1".into()),
     }
 }
 

@@ -79,6 +79,14 @@ pub struct Event {
     /// The message's flow-control key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flow_control_key: Option<String>,
+    /// The URL group the message was published to, and its endpoint's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_name: Option<String>,
+    /// The schedule that published the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_id: Option<String>,
 }
 
 crate::json_record!(Event, "event", EVENT_VERSION, key = message_id);
@@ -105,6 +113,9 @@ impl Event {
             caller_ip: envelope.caller_ip.clone(),
             queue_name: envelope.queue_name.clone(),
             flow_control_key: envelope.flow_control.as_ref().map(|fc| fc.key.clone()),
+            topic_name: envelope.topic_name.clone(),
+            endpoint_name: envelope.endpoint_name.clone(),
+            schedule_id: envelope.schedule_id.clone(),
         }
     }
 }

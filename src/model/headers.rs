@@ -37,11 +37,9 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 pub const DEFAULT_METHOD: &str = "POST";
 
 /// Headers that are recognised but whose feature this build does not have yet.
-const NOT_YET_SUPPORTED: [&str; 3] = [
-    "upstash-redact-fields",
-    "upstash-queue-name",
-    "upstash-cron",
-];
+const NOT_YET_SUPPORTED: [&str; 1] = ["upstash-redact-fields"];
+/// Headers that belong to `POST /v2/schedules` only; on a publish they are refused, not ignored.
+pub const SCHEDULE_ONLY: [&str; 3] = ["upstash-cron", "upstash-schedule-id", "upstash-queue-name"];
 /// `Upstash-Flow-Control-Key`, lower case.
 const FLOW_CONTROL_KEY: &str = "upstash-flow-control-key";
 /// `Upstash-Flow-Control-Value`, lower case.
@@ -335,6 +333,10 @@ pub fn parse_publish(
             flow_value = Some(text()?.to_string());
         } else if NOT_YET_SUPPORTED.contains(&lower) {
             return Err(not_yet(lower));
+        } else if SCHEDULE_ONLY.contains(&lower) {
+            return Err(HeaderError(format!(
+                "header {lower} is only accepted when creating a schedule (POST /v2/schedules/...)"
+            )));
         }
         // Everything else (Authorization, telemetry, other Upstash-* headers, hop-by-hop headers)
         // stays here: only Content-Type and Upstash-Forward-* reach the destination.
@@ -595,6 +597,7 @@ mod tests {
             ("Upstash-Queue-Name", "q"),
             ("Upstash-Redact-Fields", "body"),
             ("Upstash-Cron", "* * * * *"),
+            ("Upstash-Schedule-Id", "s"),
         ] {
             let err = parse_publish(&headers(&[(k, v)])).expect_err(k);
             assert!(

@@ -24,6 +24,11 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}{}", bs58::encode(bytes).into_string())
 }
 
+/// A new id with `prefix` (e.g. a schedule id).
+pub fn random_with_prefix(prefix: &str) -> String {
+    random_id(prefix)
+}
+
 /// A new message id.
 pub fn message_id() -> String {
     random_id(MESSAGE_ID_PREFIX)
@@ -32,6 +37,14 @@ pub fn message_id() -> String {
 /// A new dead-letter id.
 pub fn dlq_id() -> String {
     random_id(DLQ_ID_PREFIX)
+}
+
+/// Prefix of process instance ids.
+pub const INSTANCE_ID_PREFIX: &str = "ins_";
+
+/// A new id for this process instance (e.g. its transactional identity).
+pub fn instance_id() -> String {
+    random_id(INSTANCE_ID_PREFIX)
 }
 
 /// A new JWT id.

@@ -15,6 +15,8 @@ pub mod headers;
 pub mod ids;
 pub mod queue;
 pub mod retry;
+pub mod schedule;
+pub mod url_group;
 
 /// `90s` → `90s`, `120s` → `2m`, `86400s` → `1d`, `1500ms` → `1500ms`: the largest unit that
 /// divides evenly (topic names of the delay ladder, limits in error messages).
@@ -59,6 +61,9 @@ pub(crate) mod schema_test {
             "flow_control.v1.json" => include_str!("../../schemas/flow_control.v1.json"),
             "cancel.v1.json" => include_str!("../../schemas/cancel.v1.json"),
             "dedup.v1.json" => include_str!("../../schemas/dedup.v1.json"),
+            "url_group.v1.json" => include_str!("../../schemas/url_group.v1.json"),
+            "schedule.v1.json" => include_str!("../../schemas/schedule.v1.json"),
+            "schedule_fire.v1.json" => include_str!("../../schemas/schedule_fire.v1.json"),
             other => panic!("unknown schema {other}"),
         };
         serde_json::from_str(text).expect("schema is JSON")
@@ -82,18 +87,19 @@ pub(crate) mod schema_test {
 
     fn check(root: &Value, node: &Value, written: &Value, path: &str) {
         if let Some(reference) = node["$ref"].as_str() {
-            return match reference.strip_prefix('#') {
-                Some(pointer) => {
-                    let target = root
-                        .pointer(pointer)
-                        .unwrap_or_else(|| panic!("{path}: dangling $ref {reference}"));
-                    check(root, target, written, path)
-                }
-                None => {
-                    let other = schema(reference);
-                    check(&other, &other, written, path)
-                }
+            // `#/pointer` within this schema, `file.json` or `file.json#/pointer` in another.
+            let (file, pointer) = reference.split_once('#').unwrap_or((reference, ""));
+            let other;
+            let base = if file.is_empty() {
+                root
+            } else {
+                other = schema(file);
+                &other
             };
+            let target = base
+                .pointer(pointer)
+                .unwrap_or_else(|| panic!("{path}: dangling $ref {reference}"));
+            return check(base, target, written, path);
         }
         let props = node["properties"].as_object().expect("object schema");
         for (key, value) in written.as_object().expect("an object") {

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 
 use dashmap::DashMap;
 
+use super::registry::Registry;
 use crate::model::event::{Event, State};
 use crate::model::flow::{FlowControlRecord, DEFAULT_PERIOD};
 
@@ -39,7 +40,7 @@ pub struct Counters {
 /// Every known flow-control key.
 #[derive(Debug, Default)]
 pub struct FlowView {
-    settings: DashMap<String, FlowControlRecord>,
+    settings: Registry<FlowControlRecord>,
     runtime: DashMap<String, Runtime>,
 }
 
@@ -59,28 +60,19 @@ fn window_containing(start: i64, period: i64, t: i64) -> i64 {
 impl FlowView {
     /// A key's settings; an older write never replaces a newer one.
     pub fn apply(&self, key: &str, record: Option<FlowControlRecord>) {
-        match record {
-            Some(r) => {
-                let newer = self
-                    .settings
-                    .get(key)
-                    .is_none_or(|current| current.updated_at <= r.updated_at);
-                if !newer {
-                    return;
-                }
-                if let Some(reset) = r.rate_reset_at {
-                    let mut rt = self.runtime.entry(key.to_string()).or_default();
-                    if reset > rt.window_start {
-                        rt.window_start = reset;
-                        rt.window_starts.clear();
-                    }
-                }
-                self.settings.insert(key.to_string(), r);
-            }
-            None => {
-                self.settings.remove(key);
+        let newer = record.as_ref().filter(|r| {
+            self.settings
+                .get(key)
+                .is_none_or(|current| current.updated_at <= r.updated_at)
+        });
+        if let Some(reset) = newer.and_then(|r| r.rate_reset_at) {
+            let mut rt = self.runtime.entry(key.to_string()).or_default();
+            if reset > rt.window_start {
+                rt.window_start = reset;
+                rt.window_starts.clear();
             }
         }
+        self.settings.apply(key, record);
     }
 
     /// Follows an event of a message with a flow-control key.
@@ -88,7 +80,7 @@ impl FlowView {
         let Some(key) = &event.flow_control_key else {
             return;
         };
-        let period = period_ms(self.settings.get(key).as_deref());
+        let period = period_ms(self.settings.get(key).as_ref());
         let mut rt = self.runtime.entry(key.clone()).or_default();
         match event.state {
             State::Active => {
@@ -114,19 +106,17 @@ impl FlowView {
     }
 
     pub fn get(&self, key: &str) -> Option<FlowControlRecord> {
-        self.settings.get(key).map(|r| r.clone())
+        self.settings.get(key)
     }
 
     /// Every key with settings, by key.
     pub fn list(&self) -> Vec<FlowControlRecord> {
-        let mut all: Vec<FlowControlRecord> = self.settings.iter().map(|r| r.clone()).collect();
-        all.sort_by(|a, b| a.key.cmp(&b.key));
-        all
+        self.settings.list()
     }
 
     /// A key's counters at `now_ms`: a window that has ended counts nothing.
     pub fn counters(&self, key: &str, now_ms: i64) -> Counters {
-        let period = period_ms(self.settings.get(key).as_deref());
+        let period = period_ms(self.settings.get(key).as_ref());
         let Some(rt) = self.runtime.get(key) else {
             return Counters {
                 in_flight: 0,

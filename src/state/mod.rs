@@ -13,7 +13,7 @@
 //! the tailer and the writer pick it up from [`Kind::ALL`].
 
 pub mod flow;
-pub mod queues;
+pub mod registry;
 pub mod store;
 pub mod tail;
 pub mod writer;
@@ -29,6 +29,9 @@ use crate::model::dlq::DlqRecord;
 use crate::model::event::Event;
 use crate::model::flow::FlowControlRecord;
 use crate::model::queue::QueueRecord;
+use crate::model::schedule::{ScheduleFire, ScheduleRecord};
+use crate::model::url_group::UrlGroupRecord;
+use registry::{Registry, Setting};
 pub use store::{Store, StoreError};
 
 /// A state-bearing topic: what it holds and which view it feeds.
@@ -40,16 +43,22 @@ pub enum Kind {
     Dedup,
     Queues,
     FlowControl,
+    UrlGroups,
+    Schedules,
+    ScheduleFires,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Events,
         Kind::Dlq,
         Kind::Cancellations,
         Kind::Dedup,
         Kind::Queues,
         Kind::FlowControl,
+        Kind::UrlGroups,
+        Kind::Schedules,
+        Kind::ScheduleFires,
     ];
 
     /// Its table in the configuration: `[topics.<key>]`.
@@ -61,6 +70,9 @@ impl Kind {
             Kind::Dedup => "dedup",
             Kind::Queues => "queues",
             Kind::FlowControl => "flow_control",
+            Kind::UrlGroups => "url_groups",
+            Kind::Schedules => "schedules",
+            Kind::ScheduleFires => "schedule_fires",
         }
     }
 
@@ -73,6 +85,9 @@ impl Kind {
             Kind::Dedup => "state.dedup",
             Kind::Queues => "state.queues",
             Kind::FlowControl => "state.flow_control",
+            Kind::UrlGroups => "state.url_groups",
+            Kind::Schedules => "state.schedules",
+            Kind::ScheduleFires => "state.schedule_fires",
         }
     }
 
@@ -92,6 +107,9 @@ impl Kind {
             Kind::Dedup => decode_as::<DedupRecord>(at),
             Kind::Queues => decode_as::<QueueRecord>(at),
             Kind::FlowControl => decode_as::<FlowControlRecord>(at),
+            Kind::UrlGroups => decode_as::<UrlGroupRecord>(at),
+            Kind::Schedules => decode_as::<ScheduleRecord>(at),
+            Kind::ScheduleFires => decode_as::<ScheduleFire>(at),
         }
     }
 }
@@ -199,6 +217,67 @@ impl StateRecord for FlowControlRecord {
     }
 }
 
+/// A record of a compacted settings topic: its key and the change it (or its tombstone) is.
+macro_rules! setting_record {
+    ($ty:ty, $kind:expr, $variant:ident, $name:ident, $updated:ident) => {
+        impl StateRecord for $ty {
+            const KIND: Kind = $kind;
+            fn change(self, _: i32, _: i64) -> Change {
+                Change::$variant {
+                    name: self.$name.clone(),
+                    record: Some(Box::new(self)),
+                }
+            }
+            fn removal(name: String) -> Option<Change> {
+                Some(Change::$variant { name, record: None })
+            }
+        }
+
+        impl Setting for $ty {
+            fn name(&self) -> &str {
+                &self.$name
+            }
+            fn updated_at(&self) -> i64 {
+                self.$updated
+            }
+        }
+    };
+}
+
+setting_record!(UrlGroupRecord, Kind::UrlGroups, UrlGroup, name, updated_at);
+setting_record!(
+    ScheduleRecord,
+    Kind::Schedules,
+    Schedule,
+    schedule_id,
+    updated_at
+);
+setting_record!(
+    ScheduleFire,
+    Kind::ScheduleFires,
+    ScheduleFire,
+    schedule_id,
+    fired_at
+);
+
+impl Setting for QueueRecord {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn updated_at(&self) -> i64 {
+        self.updated_at
+    }
+}
+
+impl Setting for FlowControlRecord {
+    fn name(&self) -> &str {
+        &self.key
+    }
+    fn updated_at(&self) -> i64 {
+        self.updated_at
+    }
+}
+
 /// One change read from (or written to) a state-bearing topic.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -231,12 +310,30 @@ pub enum Change {
         key: String,
         record: Option<FlowControlRecord>,
     },
+    /// A URL group, or its deletion.
+    UrlGroup {
+        name: String,
+        record: Option<Box<UrlGroupRecord>>,
+    },
+    /// A schedule's settings, or its deletion.
+    Schedule {
+        name: String,
+        record: Option<Box<ScheduleRecord>>,
+    },
+    /// A schedule's last fire.
+    ScheduleFire {
+        name: String,
+        record: Option<Box<ScheduleFire>>,
+    },
 }
 
 /// Every view of a process.
 pub struct Views {
     pub store: Arc<Store>,
-    pub queues: queues::QueueView,
+    pub queues: Registry<QueueRecord>,
+    pub url_groups: Registry<UrlGroupRecord>,
+    pub schedules: Registry<ScheduleRecord>,
+    pub schedule_fires: Registry<ScheduleFire>,
     pub flow: flow::FlowView,
     /// Bumped whenever queue or flow-control settings change, so waiting lanes look again.
     settings: watch::Sender<u64>,
@@ -246,7 +343,10 @@ impl Views {
     pub fn new(store: Arc<Store>) -> Self {
         Views {
             store,
-            queues: queues::QueueView::default(),
+            queues: Registry::default(),
+            url_groups: Registry::default(),
+            schedules: Registry::default(),
+            schedule_fires: Registry::default(),
             flow: flow::FlowView::default(),
             settings: watch::Sender::new(0),
         }
@@ -266,6 +366,15 @@ impl Views {
                 Change::FlowControl { key, record } => {
                     self.flow.apply(key, record.clone());
                     settings_changed = true;
+                }
+                Change::UrlGroup { name, record } => {
+                    self.url_groups.apply(name, record.as_deref().cloned())
+                }
+                Change::Schedule { name, record } => {
+                    self.schedules.apply(name, record.as_deref().cloned())
+                }
+                Change::ScheduleFire { name, record } => {
+                    self.schedule_fires.apply(name, record.as_deref().cloned())
                 }
                 Change::Event { event, .. } => self.flow.on_event(event),
                 _ => {}

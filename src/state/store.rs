@@ -247,6 +247,23 @@ impl Store {
         Ok(Progress::Unknown)
     }
 
+    /// The state a message ended in (DELIVERED, FAILED, CANCELED…), or `None` while it has not.
+    pub fn final_state(&self, id: &str) -> Result<Option<State>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let by_message = tx.open_multimap_table(EVENTS_BY_MESSAGE)?;
+        let events = tx.open_table(EVENTS)?;
+        for key in by_message.get(id)? {
+            if let Some(v) = events.get(key?.value())? {
+                if let Ok(e) = Event::decode(v.value()) {
+                    if e.state.is_terminal() {
+                        return Ok(Some(e.state));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Pending messages of queue `name` (its lag).
     pub fn queue_lag(&self, name: &str) -> Result<u64, StoreError> {
         let tx = self.db.begin_read()?;
@@ -507,7 +524,11 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
             }
         }
         // In-memory views (`Views::apply`).
-        Change::Queue { .. } | Change::FlowControl { .. } => {}
+        Change::Queue { .. }
+        | Change::FlowControl { .. }
+        | Change::UrlGroup { .. }
+        | Change::Schedule { .. }
+        | Change::ScheduleFire { .. } => {}
     }
     Ok(())
 }
@@ -760,6 +781,8 @@ mod tests {
             }
         );
         assert_eq!(s.progress("b").unwrap(), Progress::Finished);
+        assert_eq!(s.final_state("b").unwrap(), Some(State::Delivered));
+        assert_eq!(s.final_state("a").unwrap(), None);
         assert_eq!(s.progress("zz").unwrap(), Progress::Unknown);
         assert_eq!(s.queue_lag("orders").unwrap(), 1);
         s.apply(&[Change::Cancelled {

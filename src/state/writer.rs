@@ -14,9 +14,11 @@ use rdkafka::error::KafkaError;
 use super::{Change, StateRecord, Views};
 use crate::delay::Router;
 use crate::kafka::producer::Ack;
+use crate::kafka::transaction::{Outgoing, TxError, TxProducer};
 use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
+use crate::model::now_ms;
 use crate::topics::TopicNames;
 
 /// Produces API writes and applies them locally.
@@ -26,16 +28,38 @@ pub struct Writer {
     router: Router,
     names: TopicNames,
     views: Arc<Views>,
+    /// For writes of several messages that must be all or nothing (a URL-group publish).
+    transactions: Arc<TxProducer>,
+}
+
+/// The CREATED event of a new message: it carries the whole message, for the message and log
+/// APIs.
+pub fn created_event(envelope: &Envelope) -> Event {
+    let mut created = Event::new(envelope, State::Created, envelope.created_at);
+    created.message = Some(Box::new(envelope.clone()));
+    created
 }
 
 impl Writer {
-    pub fn new(producer: Producer, router: Router, names: TopicNames, views: Arc<Views>) -> Self {
+    pub fn new(
+        producer: Producer,
+        router: Router,
+        names: TopicNames,
+        views: Arc<Views>,
+        transactions: TxProducer,
+    ) -> Self {
         Writer {
             producer,
             router,
             names,
             views,
+            transactions: Arc::new(transactions),
         }
+    }
+
+    /// The record storing `record` on its state topic, for a transaction.
+    pub fn outgoing<R: StateRecord>(&self, record: &R) -> Outgoing {
+        Outgoing::record(self.names.state(R::KIND), None, record)
     }
 
     pub fn views(&self) -> &Arc<Views> {
@@ -69,14 +93,32 @@ impl Writer {
     /// ladder when it is due later) and its CREATED event, produced together. Fails only when
     /// the envelope was not stored; a lost CREATED event costs a log line, not a message.
     pub async fn accept(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
-        let mut created = Event::new(envelope, State::Created, envelope.created_at);
-        // CREATED carries the whole message, for the message and log APIs.
-        created.message = Some(Box::new(envelope.clone()));
+        let created = created_event(envelope);
         let (stored, event) = tokio::join!(self.router.send(envelope), self.put(created));
         if let Err(e) = event {
             tracing::warn!(message_id = %envelope.message_id, error = %e, "CREATED event not recorded");
         }
         stored
+    }
+
+    /// Stores several new messages all or nothing: the envelopes and their CREATED events in one
+    /// Kafka transaction (a URL-group publish: no crash leaves half a group published).
+    pub async fn accept_all(&self, envelopes: &[Envelope]) -> Result<(), TxError> {
+        let now = now_ms();
+        let events: Vec<Event> = envelopes.iter().map(created_event).collect();
+        let mut records: Vec<Outgoing> = envelopes
+            .iter()
+            .map(|e| self.router.outgoing(e, now))
+            .collect();
+        records.extend(events.iter().map(|e| self.outgoing(e)));
+        let acks = self.transactions.write(&records).await?;
+        let changes = events
+            .into_iter()
+            .zip(&acks[envelopes.len()..])
+            .map(|(event, ack)| event.change(ack.partition, ack.offset))
+            .collect();
+        self.apply(changes).await;
+        Ok(())
     }
 
     /// Applies changes whose records Kafka acknowledged; a failure is logged (module doc).

@@ -349,6 +349,16 @@ impl Receiver {
         r
     }
 
+    /// The next request, or panic after `within`.
+    pub async fn next_within(&mut self, within: Duration) -> Received {
+        let r = tokio::time::timeout(within, self.rx.recv())
+            .await
+            .expect("timed out waiting for a delivery")
+            .expect("receiver closed");
+        self.count(&r);
+        r
+    }
+
     /// The next `n` requests, in arrival order (each within `WAIT`).
     pub async fn take(&mut self, n: usize) -> Vec<Received> {
         let mut all = Vec::with_capacity(n);
