@@ -244,6 +244,16 @@ impl ScheduleRecord {
         let after = last.unwrap_or(self.created_at).max(self.updated_at);
         cron.next_after(after)
     }
+
+    /// The cron time to fire at `now_ms`, if one is due: times missed while nothing fired (no
+    /// process was up) fire once, for the latest of them.
+    pub fn due(&self, cron: &CronSpec, last: Option<i64>, now_ms: i64) -> Option<i64> {
+        if self.paused {
+            return None;
+        }
+        let next = self.next_fire(cron, last)?;
+        (next <= now_ms).then(|| cron.latest_at_or_before(now_ms).unwrap_or(next).max(next))
+    }
 }
 
 #[cfg(test)]
@@ -348,6 +358,31 @@ mod tests {
             Some(T + 30_000 + 10 * MINUTE),
             "times that passed while paused are not fired on resume"
         );
+    }
+
+    #[test]
+    fn missed_times_fire_once_for_the_latest_and_paused_ones_not_at_all() {
+        let s = sample();
+        let cron = CronSpec::parse(&s.cron).unwrap();
+        let first = T + 30_000;
+        assert_eq!(s.due(&cron, None, first - 1), None, "not yet");
+        assert_eq!(s.due(&cron, None, first + 200), Some(first), "on time");
+        assert_eq!(
+            s.due(&cron, Some(first), first + 500),
+            None,
+            "fired already"
+        );
+        let down_for_an_hour = first + 60 * MINUTE + 5_000;
+        assert_eq!(
+            s.due(&cron, Some(first), down_for_an_hour),
+            Some(first + 60 * MINUTE),
+            "one fire, for the latest missed minute"
+        );
+        let paused = ScheduleRecord {
+            paused: true,
+            ..s.clone()
+        };
+        assert_eq!(paused.due(&cron, None, down_for_an_hour), None);
     }
 
     #[test]

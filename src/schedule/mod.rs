@@ -322,19 +322,11 @@ impl Scheduler {
             let due: Vec<(ScheduleRecord, i64)> = part
                 .schedules
                 .values()
-                .filter(|s| !s.paused)
                 .filter(|s| part.backoff.get(&s.schedule_id).is_none_or(|b| *b <= now))
                 .filter_map(|s| {
                     let cron = CronSpec::parse(&s.cron).ok()?;
                     let last = part.fires.get(&s.schedule_id).map(|f| f.scheduled_at);
-                    let next = s.next_fire(&cron, last)?;
-                    (next <= now).then(|| {
-                        // Missed times fire once, for the latest of them.
-                        (
-                            s.clone(),
-                            cron.latest_at_or_before(now).unwrap_or(next).max(next),
-                        )
-                    })
+                    s.due(&cron, last, now).map(|at| (s.clone(), at))
                 })
                 .collect();
             for (schedule, at) in due {
