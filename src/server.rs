@@ -104,8 +104,14 @@ pub async fn start(
 ) -> Result<Running, StartError> {
     if let Some(cluster) = &embedded {
         config.kafka.brokers = cluster.bootstrap_servers().to_string();
-        // More partitions spread the mock's per-partition size limit over more room.
-        config.set_partitions(config.dev.partitions);
+        // More partitions spread the mock's per-partition size limit over more room, where the
+        // data is: messages, events, the DLQ. The small compacted settings topics keep theirs
+        // (every partition is one more to poll, on an embedded cluster that shares the process).
+        for key in topics::DEV_SCALED {
+            if let Some(t) = config.topics.get_mut(*key) {
+                t.partitions = config.dev.partitions;
+            }
+        }
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
     let partitions =

@@ -19,6 +19,10 @@ pub const READY: &str = "ready";
 /// `[topics.<key>]` shared by every delay-ladder step topic.
 pub const DELAY: &str = "delay";
 
+/// The topics whose partitions `kstash dev` raises to `dev.partitions`: those that hold messages
+/// and grow with traffic.
+pub const DEV_SCALED: &[&str] = &[READY, DELAY, "events", "dlq", "cancellations", "dedup"];
+
 /// Every `[topics.<key>]` kstash reads, in catalog order.
 pub fn config_keys() -> Vec<&'static str> {
     let mut keys = vec![READY, DELAY];

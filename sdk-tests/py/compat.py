@@ -11,7 +11,9 @@ one `ok - name` / `not ok - name: reason` line per check, then `N passed, M fail
 the last line; exit code 1 if any check failed. scripts/sdk-tests.sh runs it.
 
 The message checks call `client.message.cancel_all()`, which cancels EVERY pending message
-on that kstash: run it only against a kstash of its own.
+on that kstash: run it only against a kstash of its own. The suite also creates per-run URL
+groups, queues and schedules (one firing every minute, awaited for up to 75 s) and deletes
+them again.
 """
 
 import contextlib
@@ -22,12 +24,16 @@ import sys
 import threading
 import time
 import traceback
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 from qstash import QStash, Receiver
 from qstash.errors import QStashError, SignatureError
 from qstash.log import LogState
 from qstash.message import FlowControl
+from qstash.schedule import ScheduleState
 
 DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="
 DELIVERY_TIMEOUT_S = 15.0
@@ -38,6 +44,9 @@ NO_MORE_GRACE_S = 1.0  # how long "no further request" is watched for
 # Messages that the suite cancels are due this long after their publish (not_before), so that
 # the end of the suite can watch that they never arrive.
 PENDING_DUE_S = 5.0
+# A `* * * * *` schedule fires within ~1 s after the next cron minute: its first delivery is
+# awaited for at most this long after the schedule was created.
+SCHEDULE_FIRE_TIMEOUT_S = 75.0
 
 BASE_URL = os.environ.get("KSTASH_URL", "").rstrip("/")
 TOKEN = os.environ.get("KSTASH_TOKEN") or DEV_TOKEN
@@ -233,6 +242,23 @@ def wait_for_deliveries(path, n, timeout=DELIVERY_TIMEOUT_S):
 
 def wait_for_delivery(path, timeout=DELIVERY_TIMEOUT_S):
     return wait_for_deliveries(path, 1, timeout)[0]
+
+
+def wait_for_message(path, message_id, timeout=DELIVERY_TIMEOUT_S):
+    """Returns the request to path whose upstash-message-id is message_id (bounded wait)."""
+    deadline = time.monotonic() + timeout
+    with cond:
+        while True:
+            seen = [d for d in deliveries if d["path"] == path]
+            for d in seen:
+                if d["headers"].get("upstash-message-id") == message_id:
+                    return d
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                ids = ", ".join(str(d["headers"].get("upstash-message-id")) for d in seen) or "none"
+                raise CheckFailed(f"delivery of {message_id} to {path}: none within {timeout:g} s "
+                                  f"(message ids seen there: {ids})")
+            cond.wait(remaining)
 
 
 def expect_no_more_deliveries(path, n, grace=NO_MORE_GRACE_S):
@@ -527,6 +553,10 @@ def run_suite(receiver_base):
     # is pending, and the wait for their cancelled messages overlaps the checks after them.
     ctx = {"client": client, "run_id": run_id, "base": receiver_base, "cancelled": []}
     message_checks(ctx)
+    # A schedule firing every minute is created now (after the cancel_all() above, which could
+    # otherwise cancel its message) and its first delivery is awaited near the end of the
+    # suite, so that the wait for the next cron minute overlaps the checks in between.
+    firing = start_schedule_firing(ctx)
     not_before_checks(ctx)
     retry_checks(ctx)
     dedup_checks(ctx)
@@ -535,6 +565,10 @@ def run_suite(receiver_base):
     log_checks(ctx)
     queue_checks(ctx)
     flow_control_checks(ctx)
+    url_group_checks(ctx, keys)
+    batch_checks(ctx)
+    schedule_checks(ctx)
+    schedule_firing_checks(ctx, firing, keys)
     cancelled_never_delivered(ctx)
 
 
@@ -1394,6 +1428,604 @@ def cancelled_never_delivered(ctx):
 
     check("cancelled messages are not delivered (watched until 1.5 s past their not_before)",
           none_arrived)
+
+
+# ---------------------------------------------------------------------------------------
+# URL groups: upsert_endpoints/get/list, fan-out (publish, publish_json and enqueue_json with
+# url_group), log.list by url_group, an unknown group, remove_endpoints, delete.
+# ---------------------------------------------------------------------------------------
+def poll_url_group(client, what, name, pred):
+    """Polls url_group.get(name) until pred(group) holds; returns that group."""
+    last = {}
+
+    def attempt():
+        group = last["group"] = client.url_group.get(name)
+        return group if pred(group) else None
+
+    try:
+        return poll(what, attempt)
+    except CheckFailed as e:
+        raise CheckFailed(f"{e}; last url_group.get: {last.get('group')!r}")
+
+
+def endpoint_keys(endpoints):
+    """(name, url) of each endpoint (Endpoint objects or request dicts), sorted."""
+    def key(e):
+        if isinstance(e, dict):
+            return (e.get("name") or "", e["url"])
+        return (e.name or "", e.url)
+
+    return sorted(key(e) for e in endpoints or [])
+
+
+def expect_fan_out(res, urls, what):
+    """A fan-out answer: a list with one response (message_id, url) per endpoint URL, in any
+    order, with distinct msg_ ids. Returns a dict url -> message_id."""
+    if not isinstance(res, list):
+        raise CheckFailed(f"{what}: answer {res!r} is not a list")
+    expect_equal(len(res), len(urls), f"{what}: entries in {res!r}")
+    by_url = {}
+    for r in res:
+        if not getattr(r, "message_id", "").startswith("msg_"):
+            raise CheckFailed(f"{what}: entry {r!r}")
+        by_url[r.url] = r.message_id
+    expect_equal(sorted(by_url), sorted(urls), f"{what}: urls")
+    if len(set(by_url.values())) != len(urls):
+        raise CheckFailed(f"{what}: message ids are not distinct: {res!r}")
+    return by_url
+
+
+def path_of(url):
+    return urlsplit(url).path
+
+
+def url_group_checks(ctx, keys):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    name = f"py-{run_id}-group"
+    url_a = f"{base}/py/{run_id}/group-a"
+    url_b = f"{base}/py/{run_id}/group-b?endpoint=b"
+    urls = [url_a, url_b]
+    endpoints = [{"name": "first", "url": url_a}, {"url": url_b}]
+    before_ms = time.time() * 1000
+
+    def added():
+        bounded(lambda: client.url_group.upsert_endpoints(name, endpoints),
+                "url_group.upsert_endpoints")
+        # qstash parses name, createdAt, updatedAt, endpoints[].url with response["key"].
+        g = poll_url_group(client, "both endpoints", name, lambda x: len(x.endpoints) == 2)
+        expect_equal(g.name, name, "name")
+        expect_equal(endpoint_keys(g.endpoints), endpoint_keys(endpoints), "endpoints (name, url)")
+        if not isinstance(g.created_at, int) or abs(g.created_at - before_ms) > 5000:
+            raise CheckFailed(f"created_at {g.created_at!r}, added at {before_ms:.0f} (ms)")
+        if not isinstance(g.updated_at, int) or g.updated_at < g.created_at:
+            raise CheckFailed(f"updated_at {g.updated_at!r} before created_at {g.created_at}")
+
+    if not check("url_group.upsert_endpoints (one named, one not) then get() returns name, "
+                 "created_at, updated_at and both endpoints", added):
+        return
+
+    def listed():
+        groups = bounded(client.url_group.list, "url_group.list")
+        mine = [g for g in groups if g.name == name]
+        expect_equal(len(mine), 1, f"entries named {name} in {groups!r}")
+        expect_equal(endpoint_keys(mine[0].endpoints), endpoint_keys(endpoints),
+                     "endpoints (name, url)")
+
+    check("url_group.list() contains the group once, with both endpoints", listed)
+
+    # publish(url_group=...): one message per endpoint, each signed for its own URL.
+    body = f"fan-out {run_id}"
+    all_ids = []  # delivered fan-out messages
+    cancelled_ids = []  # fan-out messages cancelled before their delivery
+    got = {}  # see failure_callback_checks
+
+    def publish():
+        res = bounded(lambda: client.message.publish(
+            url_group=name, body=body, content_type="text/plain",
+            headers={"X-Group-Test": run_id}), "message.publish(url_group)")
+        got["ids"] = expect_fan_out(res, urls, "publish(url_group)")
+        all_ids.extend(got["ids"].values())
+
+    check("message.publish(url_group) returns a list of 2 responses (message_id, url), one per "
+          "endpoint", publish)
+    ids = got.get("ids")
+    if ids:
+        for label, url, other in (("named endpoint", url_a, url_b),
+                                  ("unnamed endpoint", url_b, url_a)):
+            def arrives(url=url):
+                d = got[url] = wait_for_message(path_of(url), ids[url])
+                expect_equal(d["body"], body.encode(), "body")
+                expect_equal(d["url"], url[len(base):], "path+query")
+                expect_equal(d["headers"].get("x-group-test"), run_id, "x-group-test")
+                expect_equal(d["headers"].get("upstash-topic-name"), name, "upstash-topic-name")
+
+            check(f"publish(url_group), {label}: receives the body and header with its message_id "
+                  f"and upstash-topic-name", arrives)
+            d = got.get(url)
+            if not d or not keys:
+                continue
+
+            def signed(d=d, url=url, other=other):
+                signature = d["headers"].get("upstash-signature") or ""
+                text = d["body"].decode("utf-8")
+                Receiver(current_signing_key=keys.current, next_signing_key=keys.next).verify(
+                    signature=signature, body=text, url=url)
+                # Both keys the signing one, so that the reason is the subject (see
+                # check_signature).
+                single = Receiver(current_signing_key=keys.current, next_signing_key=keys.current)
+                expect_raises(SignatureError, lambda: single.verify(
+                    signature=signature, body=text, url=other),
+                    "verify(the other endpoint's url)", reason="Invalid subject")
+
+            check(f"publish(url_group), {label}: Receiver.verify accepts the signature for its own "
+                  f"url and rejects the other endpoint's", signed)
+
+    # publish_json and enqueue_json to the group fan out too.
+    json_payload = {"fanOut": "json", "runId": run_id}
+
+    def publish_json():
+        res = bounded(lambda: client.message.publish_json(url_group=name, body=json_payload),
+                      "message.publish_json(url_group)")
+        json_ids = expect_fan_out(res, urls, "publish_json(url_group)")
+        all_ids.extend(json_ids.values())
+        for url in urls:
+            d = wait_for_message(path_of(url), json_ids[url])
+            expect_equal(d["body"], json.dumps(json_payload).encode(), f"body at {url}")
+            expect_equal(d["headers"].get("content-type"), "application/json",
+                         f"content-type at {url}")
+            expect_equal(d["headers"].get("upstash-topic-name"), name,
+                         f"upstash-topic-name at {url}")
+
+    check("message.publish_json(url_group) returns 2 responses; both endpoints receive the JSON "
+          "body with upstash-topic-name", publish_json)
+
+    def enqueue_json():
+        queue = f"py-{run_id}-group-q"
+        res = bounded(lambda: client.message.enqueue_json(
+            queue=queue, url_group=name, body={"enqueued": run_id}),
+            "message.enqueue_json(url_group)")
+        queued_ids = expect_fan_out(res, urls, "enqueue_json(url_group)")
+        all_ids.extend(queued_ids.values())
+        for url in urls:
+            d = wait_for_message(path_of(url), queued_ids[url])
+            expect_equal(d["body"], json.dumps({"enqueued": run_id}).encode(), f"body at {url}")
+            expect_equal(d["headers"].get("upstash-topic-name"), name,
+                         f"upstash-topic-name at {url}")
+        bounded(lambda: client.queue.delete(queue), "queue.delete")
+
+    check("message.enqueue_json(queue, url_group) returns 2 responses; both endpoints receive it "
+          "with upstash-topic-name", enqueue_json)
+
+    # A pending fan-out message: message.get shows its group (and endpoint name); cancelled.
+    def pending():
+        not_before = int(time.time() + 30) + 1
+        res = bounded(lambda: client.message.publish(url_group=name, body="pending fan-out",
+                                                     not_before=not_before),
+                      "message.publish(url_group, not_before)")
+        ids_pending = expect_fan_out(res, urls, "publish(url_group, not_before)")
+        cancelled_ids.extend(ids_pending.values())
+        a = poll("message.get(named endpoint's message)",
+                 lambda: client.message.get(ids_pending[url_a]))
+        b = poll("message.get(unnamed endpoint's message)",
+                 lambda: client.message.get(ids_pending[url_b]))
+        expect_equal(a.url, url_a, "url (named)")
+        expect_equal(a.url_group, name, "url_group (named)")
+        expect_equal(a.endpoint, "first", "endpoint (named)")
+        expect_equal(b.url, url_b, "url (unnamed)")
+        expect_equal(b.url_group, name, "url_group (unnamed)")
+        expect_equal(b.endpoint, None, "endpoint (unnamed)")
+        expect_equal(bounded(lambda: client.message.cancel_many(list(ids_pending.values())),
+                             "message.cancel_many"), 2, "cancelled")
+
+    check("message.get of a pending fan-out message has url_group and endpoint; "
+          "message.cancel_many([both]) returns 2", pending)
+
+    def exactly_once():
+        expect_no_more_deliveries(path_of(url_a), len(all_ids) // 2)
+        expect_no_more_deliveries(path_of(url_b), len(all_ids) // 2, grace=0)
+        seen = [d["headers"].get("upstash-message-id")
+                for d in deliveries_to(path_of(url_a)) + deliveries_to(path_of(url_b))]
+        expect_equal(sorted(seen), sorted(all_ids), "upstash-message-id of the requests")
+
+    check("URL group: each endpoint got exactly one request per fan-out message, nothing else",
+          exactly_once)
+
+    if ids:
+        def logs_by_group():
+            def find():
+                r = quiet(lambda: client.log.list(filter={"url_group": name}))()
+                delivered = {log.message_id for log in r.logs if log.state == LogState.DELIVERED}
+                return r.logs if set(ids.values()) <= delivered else None
+
+            logs = poll("DELIVERED of both publish(url_group) messages in the group's log", find)
+            known = all_ids + cancelled_ids
+            others = [log for log in logs if log.url_group != name or log.message_id not in known]
+            if others:
+                raise CheckFailed(f"entries of another group or message: {others[0]!r}")
+
+        check("log.list(filter={url_group}) returns only the group's messages, each with url_group",
+              logs_by_group)
+
+    # A fan-out message that fails (retries=0) lands in the DLQ with its group.
+    def dlq_by_group():
+        failing = f"py-{run_id}-failing-group"
+        fail_url = f"{base}/py/{run_id}/group-fails"
+        plan_statuses(path_of(fail_url), [], then=500)
+        bounded(lambda: client.url_group.upsert_endpoints(
+            failing, [{"name": "failing", "url": fail_url}]), "url_group.upsert_endpoints")
+        poll_url_group(client, "the failing group", failing, lambda g: len(g.endpoints) == 1)
+        res = bounded(lambda: client.message.publish(url_group=failing, body="fails", retries=0),
+                      "message.publish(url_group, retries=0)")
+        failed_id = expect_fan_out(res, [fail_url], "publish(failing group)")[fail_url]
+        wait_for_message(path_of(fail_url), failed_id)
+
+        def find():
+            r = client.dlq.list(filter={"url_group": failing})
+            return r.messages or None
+
+        entries = poll("the group's DLQ entry", find)
+        expect_equal([e.message_id for e in entries], [failed_id], "message_ids")
+        expect_equal(entries[0].url_group, failing, "url_group")
+        expect_equal(entries[0].endpoint, "failing", "endpoint")
+        expect_equal(entries[0].response_status, 500, "response_status")
+        bounded(lambda: client.dlq.delete(entries[0].dlq_id), "dlq.delete")
+        bounded(lambda: client.url_group.delete(failing), "url_group.delete")
+
+    check("DLQ: a failed fan-out message is listed by dlq.list(filter={url_group}) with url_group "
+          "and endpoint", dlq_by_group)
+
+    def remove_named():
+        bounded(lambda: client.url_group.remove_endpoints(name, [{"name": "first"}]),
+                "url_group.remove_endpoints")
+        poll_url_group(client, "only the unnamed endpoint left", name,
+                       lambda g: endpoint_keys(g.endpoints) == endpoint_keys([{"url": url_b}]))
+
+    check('url_group.remove_endpoints(name, [{"name": "first"}]): get() shows only the other '
+          'endpoint', remove_named)
+
+    def delete():
+        bounded(lambda: client.url_group.delete(name), "url_group.delete")
+        poll_until_404("url_group.get(deleted)", lambda: client.url_group.get(name))
+        if any(g.name == name for g in bounded(client.url_group.list, "url_group.list")):
+            raise CheckFailed(f"list() still has {name}")
+
+    check("url_group.delete(name): get() then raises status 404 and list() lacks it", delete)
+
+    def unknown():
+        expect_status(lambda: client.message.publish(url_group=name, body="x"), 404,
+                      "publish(deleted group)")
+        expect_status(lambda: client.message.publish(url_group=f"py-{run_id}-no-such-group",
+                                                     body="x"), 404, "publish(unknown group)")
+
+    check("message.publish(url_group) to the deleted group, and to one that never existed, raises "
+          "QStashError status 404", unknown)
+
+    def remove_last():
+        solo = f"py-{run_id}-solo"
+        bounded(lambda: client.url_group.upsert_endpoints(solo, [{"url": url_a}]),
+                "url_group.upsert_endpoints")
+        poll_url_group(client, "the solo group", solo, lambda g: len(g.endpoints) == 1)
+        bounded(lambda: client.url_group.remove_endpoints(solo, [{"url": url_a}]),
+                "url_group.remove_endpoints")
+        poll_until_404("url_group.get(emptied)", lambda: client.url_group.get(solo))
+
+    check("url_group.remove_endpoints of the last endpoint (by url) deletes the group: get() "
+          "raises status 404", remove_last)
+
+
+# ---------------------------------------------------------------------------------------
+# Batch: message.batch / batch_json with a URL item, a url_group item and a queue item. (A
+# refused item answers {"error": …} in its slot, on which qstash 3.4.0 raises KeyError, so it
+# is checked by the TypeScript suite only.)
+# ---------------------------------------------------------------------------------------
+def batch_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    group = f"py-{run_id}-batch-group"
+    queue = f"py-{run_id}-batch-q"
+    url_path = f"/py/{run_id}/batch-url"
+    queued_path = f"/py/{run_id}/batch-queued"
+    group_urls = [f"{base}/py/{run_id}/batch-g1", f"{base}/py/{run_id}/batch-g2"]
+
+    def created():
+        bounded(lambda: client.url_group.upsert_endpoints(group, [{"url": u} for u in group_urls]),
+                "url_group.upsert_endpoints")
+        poll_url_group(client, "both endpoints", group, lambda g: len(g.endpoints) == 2)
+
+    if not check("batch: url_group.upsert_endpoints creates the batch's URL group with two "
+                 "endpoints", created):
+        return
+    for variant in ("batch", "batch_json"):
+        as_json = variant == "batch_json"
+        if as_json:
+            bodies = [{"item": "url", "runId": run_id}, {"item": "group", "runId": run_id},
+                      {"item": "queue", "runId": run_id}]
+            wire = [json.dumps(b).encode() for b in bodies]
+            extra = {}
+        else:
+            bodies = [f"{variant} url {run_id}", f"{variant} group {run_id}",
+                      f"{variant} queue {run_id}"]
+            wire = [b.encode() for b in bodies]
+            extra = {"content_type": "text/plain"}
+        headers = {"X-Batch": variant}
+        items = [
+            {"url": f"{base}{url_path}", "body": bodies[0], "headers": headers, **extra},
+            {"url_group": group, "body": bodies[1], "headers": headers, **extra},
+            {"url": f"{base}{queued_path}", "body": bodies[2], "headers": headers, "queue": queue,
+             **extra},
+        ]
+        got = {}  # see failure_callback_checks
+
+        def answered(items=items, variant=variant, as_json=as_json):
+            call = client.message.batch_json if as_json else client.message.batch
+            res = got["res"] = bounded(lambda: call(items), f"message.{variant}")
+            if not isinstance(res, list):
+                raise CheckFailed(f"answer {res!r} is not a list")
+            expect_equal(len(res), 3, f"entries in {res!r}")
+            for slot in (0, 2):
+                if isinstance(res[slot], list) or not res[slot].message_id.startswith("msg_"):
+                    raise CheckFailed(f"slot {slot + 1} {res[slot]!r}")
+            got["group"] = expect_fan_out(res[1], group_urls, "slot 2")
+
+        check(f"message.{variant}([url, url_group, queue item]) answers in request order: a "
+              f"response, a nested list of 2, a response", answered)
+        if not got.get("group"):
+            continue
+        res, group_ids = got["res"], got["group"]
+
+        def delivered(res=res, group_ids=group_ids, wire=wire, variant=variant, as_json=as_json):
+            d0 = wait_for_message(url_path, res[0].message_id)
+            expect_equal(d0["body"], wire[0], "URL item body")
+            expect_equal(d0["headers"].get("x-batch"), variant, "URL item x-batch")
+            expect_equal(d0["headers"].get("content-type"),
+                         "application/json" if as_json else "text/plain", "URL item content-type")
+            for url in group_urls:
+                d = wait_for_message(path_of(url), group_ids[url])
+                expect_equal(d["body"], wire[1], f"group item body at {url}")
+                expect_equal(d["headers"].get("upstash-topic-name"), group,
+                             f"upstash-topic-name at {url}")
+                expect_equal(d["headers"].get("x-batch"), variant, f"x-batch at {url}")
+            dq = wait_for_message(queued_path, res[2].message_id)
+            expect_equal(dq["body"], wire[2], "queue item body")
+
+        check(f"message.{variant}: all four deliveries arrive with their bodies and header (group "
+              f"ones with upstash-topic-name)", delivered)
+
+        def via_queue(res=res):
+            def find():
+                r = quiet(lambda: client.log.list(filter={"message_id": res[2].message_id}))()
+                return r.logs if any(log.state == LogState.DELIVERED for log in r.logs) else None
+
+            logs = poll("DELIVERED of the queue item in the log", find)
+            without = [log for log in logs if log.queue != queue]
+            if without:
+                raise CheckFailed(f"entries without queue {queue}: {without[0]!r}")
+
+        check(f"message.{variant}: the queue item went through its queue (its log entries carry "
+              f"queue)", via_queue)
+
+    # Clean-up (best effort; a failure here is not a finding of this section).
+    for cleanup in (lambda: client.url_group.delete(group), lambda: client.queue.delete(queue)):
+        try:
+            bounded(cleanup, "clean-up")
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# Schedules: create (cron, id, retries, method, header, body), get, list, pause/resume,
+# create_json with the same id (CRON_TZ), invalid cron, delete; one firing (see
+# start_schedule_firing).
+# ---------------------------------------------------------------------------------------
+def poll_schedule(client, what, schedule_id, pred):
+    """Polls schedule.get(schedule_id) until pred(schedule) holds; returns that schedule."""
+    last = {}
+
+    def attempt():
+        s = last["schedule"] = client.schedule.get(schedule_id)
+        return s if pred(s) else None
+
+    try:
+        return poll(what, attempt)
+    except CheckFailed as e:
+        raise CheckFailed(f"{e}; last schedule.get: {last.get('schedule')!r}")
+
+
+def clock_in(ms, zone):
+    """"HH:MM" of a ms timestamp in an IANA time zone."""
+    return datetime.fromtimestamp(ms / 1000, ZoneInfo(zone)).strftime("%H:%M")
+
+
+def schedule_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    schedule_id = f"py-{run_id}-sched"
+    dest = f"{base}/py/{run_id}/scheduled?s=1"
+    body = f"scheduled body {run_id}"
+    before_ms = time.time() * 1000
+
+    def create():
+        sid = bounded(lambda: client.schedule.create(
+            destination=dest, cron="0 4 * * *", schedule_id=schedule_id, retries=2, method="PUT",
+            content_type="text/plain", headers={"X-Sched": f"value {run_id}"}, body=body),
+            "schedule.create")
+        expect_equal(sid, schedule_id, "schedule id")
+
+    if not check('schedule.create(cron="0 4 * * *", schedule_id, retries=2, PUT, header, body) '
+                 'returns that schedule id', create):
+        return
+    got = {}  # see failure_callback_checks
+
+    def get():
+        # qstash parses scheduleId, destination, cron, createdAt, method, retries with
+        # response["key"].
+        s = got["first"] = poll("schedule.get", lambda: client.schedule.get(schedule_id))
+        expect_equal(s.schedule_id, schedule_id, "schedule_id")
+        expect_equal(s.cron, "0 4 * * *", "cron")
+        expect_equal(s.destination, dest, "destination")
+        expect_equal(s.method, "PUT", "method")
+        expect_equal(s.retries, 2, "retries")
+        expect_equal(s.body, body, "body")
+        expect_equal(s.paused, False, "paused")
+        values = {k.lower(): v for k, v in (s.headers or {}).items()}
+        expect_equal(values.get("x-sched"), [f"value {run_id}"], f"headers['X-Sched'] in {s.headers!r}")
+        if not isinstance(s.created_at, int) or abs(s.created_at - before_ms) > 5000:
+            raise CheckFailed(f"created_at {s.created_at!r}, created at {before_ms:.0f} (ms)")
+        now_ms = time.time() * 1000
+        nxt = s.next_schedule_time
+        if not isinstance(nxt, int) or not now_ms < nxt <= now_ms + 24 * 3_600_000:
+            raise CheckFailed(f"next_schedule_time {nxt!r} is not within the next 24 h "
+                              f"(now {now_ms:.0f})")
+        expect_equal(clock_in(nxt, "UTC"), "04:00", "next_schedule_time (UTC clock)")
+
+    check("schedule.get(id): cron, destination, method, retries, body, headers, paused False, "
+          "created_at, next_schedule_time (next 04:00 UTC)", get)
+
+    def listed():
+        schedules = bounded(client.schedule.list, "schedule.list")
+        mine = [s for s in schedules if s.schedule_id == schedule_id]
+        expect_equal(len(mine), 1, f"entries with schedule_id {schedule_id}")
+        expect_equal(mine[0].cron, "0 4 * * *", "cron")
+        expect_equal(mine[0].destination, dest, "destination")
+
+    check("schedule.list() contains the schedule once, with its cron and destination", listed)
+
+    def pause():
+        bounded(lambda: client.schedule.pause(schedule_id), "schedule.pause")
+        poll_schedule(client, "paused True", schedule_id, lambda s: s.paused is True)
+
+    check("schedule.pause(id): get shows paused True", pause)
+
+    def resume():
+        bounded(lambda: client.schedule.resume(schedule_id), "schedule.resume")
+        poll_schedule(client, "paused False", schedule_id, lambda s: s.paused is False)
+
+    check("schedule.resume(id): get shows paused False", resume)
+
+    tz_cron = "CRON_TZ=America/New_York 30 12 * * *"
+    json_body = {"scheduled": run_id}
+
+    def upsert():
+        sid = bounded(lambda: client.schedule.create_json(
+            destination=dest, cron=tz_cron, schedule_id=schedule_id, retries=2, body=json_body),
+            "schedule.create_json(upsert)")
+        expect_equal(sid, schedule_id, "schedule id")
+        s = poll_schedule(client, "the new cron", schedule_id, lambda x: x.cron == tz_cron)
+        if got.get("first"):
+            expect_equal(s.created_at, got["first"].created_at, "created_at")
+        expect_equal(s.body, json.dumps(json_body), "body")
+        nxt = s.next_schedule_time
+        if not isinstance(nxt, int) or nxt <= time.time() * 1000:
+            raise CheckFailed(f"next_schedule_time {nxt!r} is not in the future")
+        expect_equal(clock_in(nxt, "America/New_York"), "12:30", "next_schedule_time (New York clock)")
+        schedules = bounded(client.schedule.list, "schedule.list")
+        expect_equal(len([x for x in schedules if x.schedule_id == schedule_id]), 1,
+                     "entries with the id after the update")
+
+    check(f'schedule.create_json with the same schedule_id and cron "{tz_cron}" updates it: new '
+          f'cron and body, same created_at, next_schedule_time at 12:30 New York time', upsert)
+
+    def invalid_cron():
+        bad = f"{schedule_id}-bad"
+        for cron in ("61 * * * *", "* * * *"):
+            expect_status(lambda cron=cron: client.schedule.create(
+                destination=dest, cron=cron, schedule_id=bad), 400, f'schedule.create(cron "{cron}")')
+        expect_status(lambda: client.schedule.get(bad), 404, "schedule.get(not created)")
+
+    check('schedule.create with an invalid cron ("61 * * * *", "* * * *") raises QStashError '
+          'status 400 and creates nothing', invalid_cron)
+
+    def delete():
+        bounded(lambda: client.schedule.delete(schedule_id), "schedule.delete")
+        poll_until_404("schedule.get(deleted)", lambda: client.schedule.get(schedule_id))
+        if any(s.schedule_id == schedule_id for s in bounded(client.schedule.list, "schedule.list")):
+            raise CheckFailed(f"list() still has {schedule_id}")
+        expect_status(lambda: client.schedule.delete(schedule_id), 404, "schedule.delete(deleted)")
+
+    check("schedule.delete(id): get() then raises status 404, list() lacks it, a second delete "
+          "is a 404", delete)
+
+
+def start_schedule_firing(ctx):
+    """Creates a `* * * * *` schedule; schedule_firing_checks awaits its first delivery."""
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    firing = {"id": f"py-{run_id}-every-minute", "path": f"/py/{run_id}/schedule-fired",
+              "body": f"fired {run_id}"}
+    firing["dest"] = f"{base}{firing['path']}"
+
+    def create():
+        firing["created_at"] = time.time()
+        sid = bounded(lambda: client.schedule.create(
+            destination=firing["dest"], cron="* * * * *", schedule_id=firing["id"],
+            body=firing["body"], content_type="text/plain"), "schedule.create(* * * * *)")
+        expect_equal(sid, firing["id"], "schedule id")
+
+    created = check('schedule.create(cron="* * * * *") for the firing check returns its schedule id',
+                    create)
+    return firing if created else None
+
+
+def schedule_firing_checks(ctx, firing, keys):
+    if not firing:
+        return
+    client = ctx["client"]
+    got = {}  # see failure_callback_checks
+
+    def fired():
+        remaining = max(0.0, firing["created_at"] + SCHEDULE_FIRE_TIMEOUT_S - time.time())
+        d = got["d"] = wait_for_delivery(firing["path"], timeout=remaining)
+        expect_equal(d["headers"].get("upstash-schedule-id"), firing["id"], "upstash-schedule-id")
+        expect_equal(d["body"], firing["body"].encode(), "body")
+        if not (d["headers"].get("upstash-message-id") or "").startswith("msg_"):
+            raise CheckFailed(f"upstash-message-id {d['headers'].get('upstash-message-id')!r}")
+
+    check(f'schedule "* * * * *": its first delivery arrives within {SCHEDULE_FIRE_TIMEOUT_S:g} s '
+          f'of its creation, with upstash-schedule-id = its id', fired)
+    d = got.get("d")
+    if d:
+        message_id = d["headers"].get("upstash-message-id")
+        if keys:
+            check('schedule "* * * * *": Receiver.verify accepts the fired delivery\'s signature',
+                  lambda: Receiver(current_signing_key=keys.current,
+                                   next_signing_key=keys.next).verify(
+                      signature=d["headers"].get("upstash-signature") or "",
+                      body=d["body"].decode("utf-8"), url=firing["dest"]))
+
+        def states():
+            s = poll_schedule(client, "last_schedule_states with the fired message SUCCESS",
+                              firing["id"], lambda x: (x.last_schedule_states or {}).get(message_id)
+                              == ScheduleState.SUCCESS)
+            last = s.last_schedule_time
+            if not isinstance(last, int) or not (firing["created_at"] * 1000 <= last
+                                                 <= d["received_at"] * 1000):
+                raise CheckFailed(f"last_schedule_time {last!r}, created at "
+                                  f"{firing['created_at'] * 1000:.0f}, delivered at "
+                                  f"{d['received_at'] * 1000:.0f} (ms)")
+            if not isinstance(s.next_schedule_time, int) or s.next_schedule_time <= last:
+                raise CheckFailed(f"next_schedule_time {s.next_schedule_time!r} not after "
+                                  f"last_schedule_time {last}")
+
+        check('schedule "* * * * *": schedule.get shows last_schedule_time and '
+              'last_schedule_states {message_id: ScheduleState.SUCCESS}', states)
+
+        def logs_by_schedule():
+            def find():
+                r = quiet(lambda: client.log.list(filter={"schedule_id": firing["id"]}))()
+                done = any(log.message_id == message_id and log.state == LogState.DELIVERED
+                           for log in r.logs)
+                return r.logs if done else None
+
+            logs = poll("DELIVERED of the fired message in the schedule's log", find)
+            others = [log for log in logs if log.schedule_id != firing["id"]]
+            if others:
+                raise CheckFailed(f"entries of another schedule: {others[0]!r}")
+
+        check("log.list(filter={schedule_id}) has the fired message, every entry with that "
+              "schedule_id", logs_by_schedule)
+
+    def delete():
+        bounded(lambda: client.schedule.delete(firing["id"]), "schedule.delete")
+        poll_until_404("schedule.get(deleted)", lambda: client.schedule.get(firing["id"]))
+
+    check('schedule.delete of the "* * * * *" schedule: get() then raises status 404', delete)
 
 
 def main():

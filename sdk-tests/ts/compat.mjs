@@ -12,7 +12,9 @@
 // the last line; exit code 1 if any check failed. scripts/sdk-tests.sh runs it.
 //
 // The messages checks call `messages.cancel({all: true})`, which cancels EVERY pending
-// message on that kstash: run it only against a kstash of its own.
+// message on that kstash: run it only against a kstash of its own. The suite also creates
+// per-run URL groups, queues and schedules (one firing every minute, awaited for up to 75 s)
+// and deletes them again.
 //
 // Internal: `node compat.mjs --dev-mode-child <url>` is the child process of the
 // dev-mode check (a fresh process, so the SDK sees QSTASH_DEV from its environment).
@@ -34,6 +36,9 @@ const NO_MORE_GRACE_MS = 1_000; // how long "no further request" is watched for
 // Messages that the suite cancels are due this long after their publish (notBefore), so that
 // the end of the suite can watch that they never arrive.
 const PENDING_DUE_MS = 5_000;
+// A `* * * * *` schedule fires within ~1 s after the next cron minute: its first delivery is
+// awaited for at most this long after the schedule was created.
+const SCHEDULE_FIRE_TIMEOUT_MS = 75_000;
 
 // ---------------------------------------------------------------------------------------
 // Child mode: a bare `new Client()` that only sees QSTASH_DEV / QSTASH_DEV_PORT.
@@ -191,7 +196,14 @@ const server = http.createServer((req, res) => {
     else answer();
     const seen = deliveriesTo(pathname);
     waiters = waiters.filter((w) => {
-      if (w.pathname !== pathname || seen.length < w.n) return true;
+      if (w.pathname !== pathname) return true;
+      if (w.messageId !== undefined) {
+        const match = seen.find((d) => d.headers["upstash-message-id"] === w.messageId);
+        if (!match) return true;
+        w.resolve(match);
+        return false;
+      }
+      if (seen.length < w.n) return true;
       w.resolve(seen.slice(0, w.n));
       return false;
     });
@@ -220,6 +232,24 @@ function waitForDeliveries(pathname, n, ms = DELIVERY_TIMEOUT_MS) {
 }
 async function waitForDelivery(pathname, ms = DELIVERY_TIMEOUT_MS) {
   return (await waitForDeliveries(pathname, 1, ms))[0];
+}
+/** Resolves with the request to pathname whose upstash-message-id is messageId (bounded wait). */
+function waitForMessage(pathname, messageId, ms = DELIVERY_TIMEOUT_MS) {
+  const found = deliveriesTo(pathname).find((d) => d.headers["upstash-message-id"] === messageId);
+  if (found) return Promise.resolve(found);
+  let waiter;
+  return withTimeout(
+    new Promise((resolve) => {
+      waiter = { pathname, messageId, resolve };
+      waiters.push(waiter);
+    }),
+    ms,
+    `delivery of ${messageId} to ${pathname}`,
+  ).catch((error) => {
+    waiters = waiters.filter((w) => w !== waiter);
+    const ids = deliveriesTo(pathname).map((d) => d.headers["upstash-message-id"]).join(", ") || "none";
+    throw new Error(`${error.message} (message ids seen there: ${ids})`);
+  });
 }
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 /** After the expected n requests to pathname, none more may arrive within graceMs. */
@@ -502,6 +532,10 @@ try {
   // The messages checks come first: their cancel-all runs while nothing else of the suite is
   // pending, and the wait for their cancelled messages (item 8) overlaps the checks after them.
   await messagesChecks();
+  // A schedule firing every minute is created now (after the cancel-all above, which could
+  // otherwise cancel its message) and its first delivery is awaited near the end of the suite,
+  // so that the wait for the next cron minute overlaps the checks in between.
+  const firing = await startScheduleFiring();
   await notBeforeChecks();
   await retryChecks();
   await dedupChecks();
@@ -510,9 +544,15 @@ try {
   await logsChecks();
   await queueChecks();
   await flowControlChecks();
+  await urlGroupChecks(keys);
+  await batchChecks();
+  await scheduleChecks();
 
   // 7. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
   await devModeChecks();
+
+  // 7b. The every-minute schedule created after the messages checks has fired.
+  await scheduleFiringChecks(firing, keys);
 
   // 8. Cancelled messages (published with a near notBefore) never arrive.
   await cancelledNeverDelivered();
@@ -1302,5 +1342,458 @@ async function cancelledNeverDelivered() {
     if (until > Date.now()) await sleep(until - Date.now());
     const arrived = cancelledPaths.filter((c) => deliveriesTo(c.path).length > 0).map((c) => c.path);
     if (arrived.length) throw new Error(`delivered anyway: ${arrived.join(", ")}`);
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// URL groups: addEndpoints/get/list, fan-out (publish {urlGroup}, publishJSON {topic},
+// queue.enqueueJSON {urlGroup}), logs by urlGroup, an unknown group, removeEndpoints, delete.
+// ---------------------------------------------------------------------------------------
+/** Polls urlGroups.get(name) until pred(group) holds; returns that group. */
+function pollUrlGroup(what, name, pred) {
+  let last;
+  return poll(what, async () => {
+    last = await client.urlGroups.get(name);
+    return pred(last) ? last : undefined;
+  }).catch((error) => {
+    throw new Error(`${error.message}; last urlGroups.get: ${JSON.stringify(last)}`);
+  });
+}
+/** "name|url" of each endpoint, sorted: endpoints compared regardless of order. */
+function endpointKeys(endpoints) {
+  return (endpoints ?? []).map((e) => `${e.name ?? ""}|${e.url}`).sort().join(", ");
+}
+/**
+ * A fan-out answer: an array with one {messageId, url} per endpoint URL (in any order), with
+ * distinct msg_ ids. Returns a Map url -> messageId.
+ */
+function expectFanOut(res, urls, what) {
+  if (!Array.isArray(res)) throw new Error(`${what}: answer ${JSON.stringify(res)} is not an array`);
+  expectEqual(res.length, urls.length, `${what}: entries in ${oneLine(JSON.stringify(res))}`);
+  const byUrl = new Map();
+  for (const r of res) {
+    if (typeof r?.messageId !== "string" || !r.messageId.startsWith("msg_")) throw new Error(`${what}: entry ${JSON.stringify(r)}`);
+    byUrl.set(r.url, r.messageId);
+  }
+  expectEqual([...byUrl.keys()].sort().join(", "), [...urls].sort().join(", "), `${what}: urls`);
+  if (new Set(byUrl.values()).size !== urls.length) throw new Error(`${what}: message ids are not distinct: ${JSON.stringify(res)}`);
+  return byUrl;
+}
+function pathOf(url) {
+  return new URL(url).pathname;
+}
+
+async function urlGroupChecks(keys) {
+  const name = `ts-${runId}-group`;
+  const urlA = `${RECEIVER}/ts/${runId}/group-a`;
+  const urlB = `${RECEIVER}/ts/${runId}/group-b?endpoint=b`;
+  const urls = [urlA, urlB];
+  const endpoints = [{ name: "first", url: urlA }, { url: urlB }];
+  const before = Date.now();
+  const added = await check("urlGroups.addEndpoints (one named, one not) then get() returns name, createdAt, updatedAt and both endpoints", async () => {
+    await withTimeout(client.urlGroups.addEndpoints({ name, endpoints }), CALL_TIMEOUT_MS, "urlGroups.addEndpoints");
+    const g = await pollUrlGroup("both endpoints", name, (x) => x.endpoints?.length === 2);
+    expectEqual(g.name, name, "name");
+    expectEqual(endpointKeys(g.endpoints), endpointKeys(endpoints), "endpoints (name|url)");
+    if (typeof g.createdAt !== "number" || Math.abs(g.createdAt - before) > 5_000) throw new Error(`createdAt ${g.createdAt}, added at ${before} (ms)`);
+    if (typeof g.updatedAt !== "number" || g.updatedAt < g.createdAt) throw new Error(`updatedAt ${g.updatedAt} before createdAt ${g.createdAt}`);
+  });
+  if (!added) return;
+  await check("urlGroups.list() contains the group once, with both endpoints", async () => {
+    const list = await withTimeout(client.urlGroups.list(), CALL_TIMEOUT_MS, "urlGroups.list");
+    if (!Array.isArray(list)) throw new Error(`list() returned ${JSON.stringify(list)}`);
+    const mine = list.filter((g) => g.name === name);
+    expectEqual(mine.length, 1, `entries named ${name} in ${oneLine(JSON.stringify(list))}`);
+    expectEqual(endpointKeys(mine[0].endpoints), endpointKeys(endpoints), "endpoints (name|url)");
+  });
+
+  // publish({urlGroup}): one message per endpoint, each signed for its own URL.
+  const body = `fan-out ${runId}`;
+  const allIds = []; // delivered fan-out messages
+  const cancelledIds = []; // fan-out messages cancelled before their delivery
+  let ids; // url -> messageId
+  await check("publish({urlGroup}) answers an array of 2 {messageId, url}, one per endpoint", async () => {
+    const res = await withTimeout(
+      client.publish({ urlGroup: name, body, headers: { "Content-Type": "text/plain", "X-Group-Test": runId } }),
+      CALL_TIMEOUT_MS,
+      "publish(urlGroup)",
+    );
+    ids = expectFanOut(res, urls, "publish(urlGroup)");
+    allIds.push(...ids.values());
+  });
+  if (ids) {
+    for (const [label, url, other] of [["named endpoint", urlA, urlB], ["unnamed endpoint", urlB, urlA]]) {
+      let d;
+      await check(`publish({urlGroup}), ${label}: receives the body and header with its messageId and upstash-topic-name`, async () => {
+        d = await waitForMessage(pathOf(url), ids.get(url));
+        expectEqual(d.body.toString("utf8"), body, "body");
+        expectEqual(d.url, url.slice(RECEIVER.length), "path+query");
+        expectEqual(d.headers["x-group-test"], runId, "x-group-test");
+        expectEqual(d.headers["upstash-topic-name"], name, "upstash-topic-name");
+      });
+      if (!d || !keys) continue;
+      await check(`publish({urlGroup}), ${label}: Receiver.verify accepts the signature for its own url and rejects the other endpoint's`, async () => {
+        const receiver = new Receiver({ currentSigningKey: keys.current, nextSigningKey: keys.next });
+        const signature = d.headers["upstash-signature"] ?? "";
+        const text = d.body.toString("utf8");
+        expectEqual(await receiver.verify({ signature, body: text, url }), true, "verify(own url)");
+        const error = await expectReject(receiver.verify({ signature, body: text, url: other }), "verify(the other endpoint's url)");
+        if (!/invalid subject/.test(error?.message)) throw new Error(`rejected for another reason: ${error?.message}`);
+      });
+    }
+  }
+
+  // The deprecated `topic` form, with publishJSON.
+  const jsonPayload = { fanOut: "json", runId };
+  await check("publishJSON({topic}) (deprecated form) answers 2 results; both endpoints receive the JSON body with upstash-topic-name", async () => {
+    const res = await withTimeout(client.publishJSON({ topic: name, body: jsonPayload }), CALL_TIMEOUT_MS, "publishJSON(topic)");
+    const jsonIds = expectFanOut(res, urls, "publishJSON(topic)");
+    allIds.push(...jsonIds.values());
+    for (const url of urls) {
+      const d = await waitForMessage(pathOf(url), jsonIds.get(url));
+      expectEqual(d.body.toString("utf8"), JSON.stringify(jsonPayload), `body at ${url}`);
+      expectEqual(d.headers["content-type"], "application/json", `content-type at ${url}`);
+      expectEqual(d.headers["upstash-topic-name"], name, `upstash-topic-name at ${url}`);
+    }
+  });
+
+  // Enqueueing to a group fans out too.
+  await check("queue.enqueueJSON({urlGroup}) answers 2 results; both endpoints receive it with upstash-topic-name", async () => {
+    const queue = client.queue({ queueName: `ts-${runId}-group-q` });
+    const res = await withTimeout(queue.enqueueJSON({ urlGroup: name, body: { enqueued: runId } }), CALL_TIMEOUT_MS, "queue.enqueueJSON(urlGroup)");
+    const queuedIds = expectFanOut(res, urls, "queue.enqueueJSON(urlGroup)");
+    allIds.push(...queuedIds.values());
+    for (const url of urls) {
+      const d = await waitForMessage(pathOf(url), queuedIds.get(url));
+      expectEqual(d.body.toString("utf8"), JSON.stringify({ enqueued: runId }), `body at ${url}`);
+      expectEqual(d.headers["upstash-topic-name"], name, `upstash-topic-name at ${url}`);
+    }
+    await withTimeout(queue.delete(), CALL_TIMEOUT_MS, "queue.delete");
+  });
+  // A pending fan-out message: messages.get shows its group (and endpoint name); cancelled.
+  await check("messages.get of a pending fan-out message has topicName / urlGroup and endpointName; messages.cancel([both]) cancels 2", async () => {
+    const notBefore = Math.ceil((Date.now() + 30_000) / 1000);
+    const res = await withTimeout(client.publish({ urlGroup: name, body: "pending fan-out", notBefore }), CALL_TIMEOUT_MS, "publish(urlGroup, notBefore)");
+    const pending = expectFanOut(res, urls, "publish(urlGroup, notBefore)");
+    cancelledIds.push(...pending.values());
+    const a = await poll("messages.get(named endpoint's message)", () => client.messages.get(pending.get(urlA)));
+    const b = await poll("messages.get(unnamed endpoint's message)", () => client.messages.get(pending.get(urlB)));
+    expectEqual(a.url, urlA, "url (named)");
+    expectEqual(a.topicName, name, "topicName (named)");
+    expectEqual(a.urlGroup, name, "urlGroup (named)");
+    expectEqual(a.endpointName, "first", "endpointName (named)");
+    expectEqual(b.url, urlB, "url (unnamed)");
+    expectEqual(b.topicName, name, "topicName (unnamed)");
+    expectEqual(b.endpointName, undefined, "endpointName (unnamed)");
+    const r = await withTimeout(client.messages.cancel([...pending.values()]), CALL_TIMEOUT_MS, "messages.cancel([…])");
+    expectEqual(r?.cancelled, 2, "cancelled");
+  });
+  await check("URL group: each endpoint got exactly one request per fan-out message, nothing else", async () => {
+    await expectNoMoreDeliveries(pathOf(urlA), allIds.length / 2);
+    await expectNoMoreDeliveries(pathOf(urlB), allIds.length / 2, 0);
+    const got = [...deliveriesTo(pathOf(urlA)), ...deliveriesTo(pathOf(urlB))].map((d) => d.headers["upstash-message-id"]);
+    expectEqual([...got].sort().join(","), [...allIds].sort().join(","), "upstash-message-id of the requests");
+  });
+
+  if (ids) {
+    await check("logs({filter: {urlGroup}}) returns only the group's messages, each with topicName / urlGroup", async () => {
+      const logs = await poll("DELIVERED of both publish({urlGroup}) messages in the group's logs", async () => {
+        const r = await client.logs({ filter: { urlGroup: name } });
+        const delivered = new Set(r.logs.filter((l) => l.state === "DELIVERED").map((l) => l.messageId));
+        return [...ids.values()].every((m) => delivered.has(m)) ? r.logs : undefined;
+      });
+      const known = [...allIds, ...cancelledIds];
+      const others = logs.filter((l) => l.topicName !== name || l.urlGroup !== name || !known.includes(l.messageId));
+      if (others.length) throw new Error(`entries of another group or message: ${oneLine(JSON.stringify(others[0]))}`);
+    });
+  }
+
+  // A fan-out message that fails (retries: 0) lands in the DLQ with its group.
+  await check("DLQ: a failed fan-out message is listed by dlq.listMessages({filter: {urlGroup}}) with topicName / urlGroup", async () => {
+    const failing = `ts-${runId}-failing-group`;
+    const failPath = `/ts/${runId}/group-fails`;
+    planStatuses(failPath, [], 500);
+    await withTimeout(client.urlGroups.addEndpoints({ name: failing, endpoints: [{ name: "failing", url: `${RECEIVER}${failPath}` }] }), CALL_TIMEOUT_MS, "urlGroups.addEndpoints");
+    await pollUrlGroup("the failing group", failing, (g) => g.endpoints?.length === 1);
+    const res = await withTimeout(client.publish({ urlGroup: failing, body: "fails", retries: 0 }), CALL_TIMEOUT_MS, "publish(urlGroup, retries: 0)");
+    const [failedId] = expectFanOut(res, [`${RECEIVER}${failPath}`], "publish(failing group)").values();
+    await waitForMessage(failPath, failedId);
+    const entries = await poll("the group's DLQ entry", async () => {
+      const r = await client.dlq.listMessages({ filter: { urlGroup: failing } });
+      return r.messages.length ? r.messages : undefined;
+    });
+    expectEqual(entries.map((e) => e.messageId).join(","), failedId, "messageIds");
+    expectEqual(entries[0].topicName, failing, "topicName");
+    expectEqual(entries[0].urlGroup, failing, "urlGroup");
+    expectEqual(entries[0].endpointName, "failing", "endpointName");
+    expectEqual(entries[0].responseStatus, 500, "responseStatus");
+    await withTimeout(client.dlq.delete(entries[0].dlqId), CALL_TIMEOUT_MS, "dlq.delete");
+    await withTimeout(client.urlGroups.delete(failing), CALL_TIMEOUT_MS, "urlGroups.delete");
+  });
+
+  await check('urlGroups.removeEndpoints({endpoints: [{name: "first"}]}): get() shows only the other endpoint', async () => {
+    await withTimeout(client.urlGroups.removeEndpoints({ name, endpoints: [{ name: "first" }] }), CALL_TIMEOUT_MS, "urlGroups.removeEndpoints");
+    await pollUrlGroup("only the unnamed endpoint left", name, (g) => endpointKeys(g.endpoints) === endpointKeys([{ url: urlB }]));
+  });
+  await check("urlGroups.delete(name): get() then throws QstashError status 404 and list() lacks it", async () => {
+    await withTimeout(client.urlGroups.delete(name), CALL_TIMEOUT_MS, "urlGroups.delete");
+    await pollUntil404("urlGroups.get(deleted)", () => client.urlGroups.get(name));
+    const list = await withTimeout(client.urlGroups.list(), CALL_TIMEOUT_MS, "urlGroups.list");
+    if (list.some((g) => g.name === name)) throw new Error(`list() still has ${name}`);
+  });
+  await check("publish({urlGroup}) to the deleted group, and to one that never existed, throws QstashError status 404", async () => {
+    await expectStatus(client.publish({ urlGroup: name, body: "x" }), 404, "publish(deleted group)");
+    await expectStatus(client.publish({ urlGroup: `ts-${runId}-no-such-group`, body: "x" }), 404, "publish(unknown group)");
+  });
+  await check("urlGroups.removeEndpoints of the last endpoint (by url) deletes the group: get() throws status 404", async () => {
+    const solo = `ts-${runId}-solo`;
+    await withTimeout(client.urlGroups.addEndpoints({ name: solo, endpoints: [{ url: urlA }] }), CALL_TIMEOUT_MS, "urlGroups.addEndpoints");
+    await pollUrlGroup("the solo group", solo, (g) => g.endpoints?.length === 1);
+    await withTimeout(client.urlGroups.removeEndpoints({ name: solo, endpoints: [{ url: urlA }] }), CALL_TIMEOUT_MS, "urlGroups.removeEndpoints");
+    await pollUntil404("urlGroups.get(emptied)", () => client.urlGroups.get(solo));
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch: batch / batchJSON with a URL item, a URL-group item and a queue item; a refused item.
+// ---------------------------------------------------------------------------------------
+async function batchChecks() {
+  const group = `ts-${runId}-batch-group`;
+  const queueName = `ts-${runId}-batch-q`;
+  const urlPath = `/ts/${runId}/batch-url`;
+  const queuedPath = `/ts/${runId}/batch-queued`;
+  const groupUrls = [`${RECEIVER}/ts/${runId}/batch-g1`, `${RECEIVER}/ts/${runId}/batch-g2`];
+  const created = await check("batch: urlGroups.addEndpoints creates the batch's URL group with two endpoints", async () => {
+    await withTimeout(client.urlGroups.addEndpoints({ name: group, endpoints: groupUrls.map((url) => ({ url })) }), CALL_TIMEOUT_MS, "urlGroups.addEndpoints");
+    await pollUrlGroup("both endpoints", group, (g) => g.endpoints?.length === 2);
+  });
+  if (!created) return;
+  for (const variant of ["batch", "batchJSON"]) {
+    const json = variant === "batchJSON";
+    const bodies = json
+      ? [{ item: "url", runId }, { item: "group", runId }, { item: "queue", runId }]
+      : [`${variant} url ${runId}`, `${variant} group ${runId}`, `${variant} queue ${runId}`];
+    const wire = (b) => (json ? JSON.stringify(b) : b);
+    const headers = json ? { "X-Batch": variant } : { "Content-Type": "text/plain", "X-Batch": variant };
+    const items = [
+      { url: `${RECEIVER}${urlPath}`, body: bodies[0], headers },
+      { urlGroup: group, body: bodies[1], headers },
+      { url: `${RECEIVER}${queuedPath}`, body: bodies[2], headers, queueName },
+    ];
+    let res;
+    let groupIds;
+    await check(`${variant}([url, urlGroup, queue item]) answers in request order: {messageId}, a nested array of 2, {messageId}`, async () => {
+      res = await withTimeout(json ? client.batchJSON(items) : client.batch(items), CALL_TIMEOUT_MS, variant);
+      if (!Array.isArray(res)) throw new Error(`answer ${JSON.stringify(res)} is not an array`);
+      expectEqual(res.length, 3, `entries in ${oneLine(JSON.stringify(res))}`);
+      if (!res[0]?.messageId?.startsWith("msg_")) throw new Error(`slot 1 ${JSON.stringify(res[0])}`);
+      groupIds = expectFanOut(res[1], groupUrls, "slot 2");
+      if (!res[2]?.messageId?.startsWith("msg_")) throw new Error(`slot 3 ${JSON.stringify(res[2])}`);
+    });
+    if (!groupIds) continue;
+    await check(`${variant}: all four deliveries arrive with their bodies and header (group ones with upstash-topic-name)`, async () => {
+      const d0 = await waitForMessage(urlPath, res[0].messageId);
+      expectEqual(d0.body.toString("utf8"), wire(bodies[0]), "URL item body");
+      expectEqual(d0.headers["x-batch"], variant, "URL item x-batch");
+      expectEqual(d0.headers["content-type"], json ? "application/json" : "text/plain", "URL item content-type");
+      for (const url of groupUrls) {
+        const d = await waitForMessage(pathOf(url), groupIds.get(url));
+        expectEqual(d.body.toString("utf8"), wire(bodies[1]), `group item body at ${url}`);
+        expectEqual(d.headers["upstash-topic-name"], group, `upstash-topic-name at ${url}`);
+        expectEqual(d.headers["x-batch"], variant, `x-batch at ${url}`);
+      }
+      const dq = await waitForMessage(queuedPath, res[2].messageId);
+      expectEqual(dq.body.toString("utf8"), wire(bodies[2]), "queue item body");
+    });
+    await check(`${variant}: the queue item went through its queue (logs of it carry queueName)`, async () => {
+      const logs = await poll("DELIVERED of the queue item in the logs", async () => {
+        const r = await client.logs({ filter: { messageId: res[2].messageId } });
+        return r.logs.some((l) => l.state === "DELIVERED") ? r.logs : undefined;
+      });
+      const without = logs.filter((l) => l.queueName !== queueName);
+      if (without.length) throw new Error(`entries without queueName ${queueName}: ${oneLine(JSON.stringify(without[0]))}`);
+    });
+  }
+
+  // A refused item answers {error} in its slot; the others still go through (the TS SDK
+  // returns the answer array as is).
+  const okPath = `/ts/${runId}/batch-ok`;
+  const refusedPath = `/ts/${runId}/batch-refused`;
+  await check("batch with a refused item (malformed flowControl period): its slot is {error}, the other two are published and delivered", async () => {
+    const res = await withTimeout(
+      client.batch([
+        { url: `${RECEIVER}${okPath}`, body: "ok 1" },
+        { url: `${RECEIVER}${refusedPath}`, body: "refused", flowControl: { key: `ts-${runId}-batch-bad`, parallelism: 1, period: "banana" } },
+        { url: `${RECEIVER}${okPath}`, body: "ok 3" },
+      ]),
+      CALL_TIMEOUT_MS,
+      "batch(refused item)",
+    );
+    if (!Array.isArray(res) || res.length !== 3) throw new Error(`answer ${oneLine(JSON.stringify(res))}`);
+    if (typeof res[1]?.error !== "string" || !res[1].error || "messageId" in res[1]) throw new Error(`slot 2 ${JSON.stringify(res[1])}, want {error}`);
+    for (const [slot, want] of [[0, "ok 1"], [2, "ok 3"]]) {
+      if (!res[slot]?.messageId?.startsWith("msg_")) throw new Error(`slot ${slot + 1} ${JSON.stringify(res[slot])}`);
+      const d = await waitForMessage(okPath, res[slot].messageId);
+      expectEqual(d.body.toString("utf8"), want, `body of slot ${slot + 1}`);
+    }
+    await expectNoMoreDeliveries(refusedPath, 0);
+  });
+
+  // Clean-up (best effort; a failure here is not a finding of this section).
+  await Promise.allSettled([client.urlGroups.delete(group), client.queue({ queueName }).delete()]);
+}
+
+// ---------------------------------------------------------------------------------------
+// Schedules: create (cron, id, retries, method, header, body), get, list, pause/resume,
+// upsert by id (CRON_TZ), invalid cron, delete; one firing (see startScheduleFiring).
+// ---------------------------------------------------------------------------------------
+/** Polls schedules.get(id) until pred(schedule) holds; returns that schedule. */
+function pollSchedule(what, id, pred) {
+  let last;
+  return poll(what, async () => {
+    last = await client.schedules.get(id);
+    return pred(last) ? last : undefined;
+  }).catch((error) => {
+    throw new Error(`${error.message}; last schedules.get: ${JSON.stringify(last)}`);
+  });
+}
+/** "HH:MM" of a ms timestamp in an IANA time zone. */
+function clockIn(ms, timeZone) {
+  return new Intl.DateTimeFormat("en-GB", { timeZone, hour: "2-digit", minute: "2-digit", hourCycle: "h23" }).format(new Date(ms));
+}
+
+async function scheduleChecks() {
+  const id = `ts-${runId}-sched`;
+  const dest = `${RECEIVER}/ts/${runId}/scheduled?s=1`;
+  const body = `scheduled body ${runId}`;
+  const request = {
+    destination: dest,
+    cron: "0 4 * * *",
+    scheduleId: id,
+    retries: 2,
+    method: "PUT",
+    headers: { "Content-Type": "text/plain", "X-Sched": `value ${runId}` },
+    body,
+  };
+  const before = Date.now();
+  const created = await check('schedules.create({cron: "0 4 * * *", scheduleId, retries: 2, PUT, header, body}) returns that scheduleId', async () => {
+    const res = await withTimeout(client.schedules.create(request), CALL_TIMEOUT_MS, "schedules.create");
+    expectEqual(res?.scheduleId, id, "scheduleId");
+  });
+  if (!created) return;
+  let first;
+  await check("schedules.get(id): cron, destination, method, retries, body, header, isPaused false, createdAt, nextScheduleTime (next 04:00 UTC)", async () => {
+    const s = (first = await poll("schedules.get", () => client.schedules.get(id)));
+    expectEqual(s.scheduleId, id, "scheduleId");
+    expectEqual(s.cron, "0 4 * * *", "cron");
+    expectEqual(s.destination, dest, "destination");
+    expectEqual(s.method, "PUT", "method");
+    expectEqual(s.retries, 2, "retries");
+    expectEqual(s.body, body, "body");
+    expectEqual(s.isPaused, false, "isPaused");
+    const entry = Object.entries(s.header ?? {}).find(([k]) => k.toLowerCase() === "x-sched");
+    expectEqual(JSON.stringify(entry?.[1]), JSON.stringify([`value ${runId}`]), `header X-Sched in ${JSON.stringify(s.header)}`);
+    if (typeof s.createdAt !== "number" || Math.abs(s.createdAt - before) > 5_000) throw new Error(`createdAt ${s.createdAt}, created at ${before} (ms)`);
+    const now = Date.now();
+    const next = s.nextScheduleTime;
+    if (typeof next !== "number" || next <= now || next > now + 24 * 3_600_000) throw new Error(`nextScheduleTime ${next} is not within the next 24 h (now ${now})`);
+    expectEqual(clockIn(next, "UTC"), "04:00", "nextScheduleTime (UTC clock)");
+  });
+  await check("schedules.list() contains the schedule once, with its cron and destination", async () => {
+    const list = await withTimeout(client.schedules.list(), CALL_TIMEOUT_MS, "schedules.list");
+    if (!Array.isArray(list)) throw new Error(`list() returned ${JSON.stringify(list)}`);
+    const mine = list.filter((s) => s.scheduleId === id);
+    expectEqual(mine.length, 1, `entries with scheduleId ${id}`);
+    expectEqual(mine[0].cron, "0 4 * * *", "cron");
+    expectEqual(mine[0].destination, dest, "destination");
+  });
+  await check("schedules.pause({schedule}): get shows isPaused: true", async () => {
+    await withTimeout(client.schedules.pause({ schedule: id }), CALL_TIMEOUT_MS, "schedules.pause");
+    await pollSchedule("isPaused: true", id, (s) => s.isPaused === true);
+  });
+  await check("schedules.resume({schedule}): get shows isPaused: false", async () => {
+    await withTimeout(client.schedules.resume({ schedule: id }), CALL_TIMEOUT_MS, "schedules.resume");
+    await pollSchedule("isPaused: false", id, (s) => s.isPaused === false);
+  });
+  const tzCron = "CRON_TZ=America/New_York 30 12 * * *";
+  await check(`schedules.create with the same scheduleId and cron "${tzCron}" updates it: new cron, same createdAt, nextScheduleTime at 12:30 New York time`, async () => {
+    const res = await withTimeout(client.schedules.create({ ...request, cron: tzCron }), CALL_TIMEOUT_MS, "schedules.create(upsert)");
+    expectEqual(res?.scheduleId, id, "scheduleId");
+    const s = await pollSchedule("the new cron", id, (x) => x.cron === tzCron);
+    if (first) expectEqual(s.createdAt, first.createdAt, "createdAt");
+    expectEqual(s.retries, 2, "retries");
+    if (typeof s.nextScheduleTime !== "number" || s.nextScheduleTime <= Date.now()) throw new Error(`nextScheduleTime ${s.nextScheduleTime} is not in the future`);
+    expectEqual(clockIn(s.nextScheduleTime, "America/New_York"), "12:30", "nextScheduleTime (New York clock)");
+    const list = await withTimeout(client.schedules.list(), CALL_TIMEOUT_MS, "schedules.list");
+    expectEqual(list.filter((x) => x.scheduleId === id).length, 1, "entries with the id after the update");
+  });
+  await check('schedules.create with an invalid cron ("61 * * * *", "* * * *") throws QstashError status 400 and creates nothing', async () => {
+    const bad = `${id}-bad`;
+    for (const cron of ["61 * * * *", "* * * *"]) {
+      await expectStatus(client.schedules.create({ destination: dest, cron, scheduleId: bad }), 400, `schedules.create(cron "${cron}")`);
+    }
+    await expectStatus(client.schedules.get(bad), 404, "schedules.get(not created)");
+  });
+  await check("schedules.delete(id): get() then throws QstashError status 404, list() lacks it, a second delete is a 404", async () => {
+    await withTimeout(client.schedules.delete(id), CALL_TIMEOUT_MS, "schedules.delete");
+    await pollUntil404("schedules.get(deleted)", () => client.schedules.get(id));
+    const list = await withTimeout(client.schedules.list(), CALL_TIMEOUT_MS, "schedules.list");
+    if (list.some((s) => s.scheduleId === id)) throw new Error(`list() still has ${id}`);
+    await expectStatus(client.schedules.delete(id), 404, "schedules.delete(deleted)");
+  });
+}
+
+/** Creates a `* * * * *` schedule; scheduleFiringChecks awaits its first delivery. */
+async function startScheduleFiring() {
+  const firing = { id: `ts-${runId}-every-minute`, path: `/ts/${runId}/schedule-fired`, body: `fired ${runId}` };
+  firing.dest = `${RECEIVER}${firing.path}`;
+  const created = await check('schedules.create({cron: "* * * * *"}) for the firing check returns its scheduleId', async () => {
+    firing.createdAt = Date.now();
+    const res = await withTimeout(
+      client.schedules.create({ destination: firing.dest, cron: "* * * * *", scheduleId: firing.id, body: firing.body, headers: { "Content-Type": "text/plain" } }),
+      CALL_TIMEOUT_MS,
+      "schedules.create(* * * * *)",
+    );
+    expectEqual(res?.scheduleId, firing.id, "scheduleId");
+  });
+  return created ? firing : undefined;
+}
+
+async function scheduleFiringChecks(firing, keys) {
+  if (!firing) return;
+  let d;
+  await check(`schedule "* * * * *": its first delivery arrives within ${SCHEDULE_FIRE_TIMEOUT_MS / 1000} s of its creation, with upstash-schedule-id = its id`, async () => {
+    d = await waitForDelivery(firing.path, Math.max(0, firing.createdAt + SCHEDULE_FIRE_TIMEOUT_MS - Date.now()));
+    expectEqual(d.headers["upstash-schedule-id"], firing.id, "upstash-schedule-id");
+    expectEqual(d.body.toString("utf8"), firing.body, "body");
+    if (!d.headers["upstash-message-id"]?.startsWith("msg_")) throw new Error(`upstash-message-id ${d.headers["upstash-message-id"]}`);
+  });
+  if (d) {
+    const messageId = d.headers["upstash-message-id"];
+    if (keys) {
+      await check('schedule "* * * * *": Receiver.verify accepts the fired delivery\'s signature', async () => {
+        const receiver = new Receiver({ currentSigningKey: keys.current, nextSigningKey: keys.next });
+        expectEqual(await receiver.verify({ signature: d.headers["upstash-signature"] ?? "", body: d.body.toString("utf8"), url: firing.dest }), true, "verify()");
+      });
+    }
+    await check('schedule "* * * * *": schedules.get shows lastScheduleTime and lastScheduleStates {<messageId>: "SUCCESS"}', async () => {
+      const s = await pollSchedule("lastScheduleStates with the fired message SUCCESS", firing.id, (x) => x.lastScheduleStates?.[messageId] === "SUCCESS");
+      if (typeof s.lastScheduleTime !== "number" || s.lastScheduleTime < firing.createdAt || s.lastScheduleTime > d.receivedAt) {
+        throw new Error(`lastScheduleTime ${s.lastScheduleTime}, created at ${firing.createdAt}, delivered at ${d.receivedAt} (ms)`);
+      }
+      if (typeof s.nextScheduleTime !== "number" || s.nextScheduleTime <= s.lastScheduleTime) throw new Error(`nextScheduleTime ${s.nextScheduleTime} not after lastScheduleTime ${s.lastScheduleTime}`);
+    });
+    await check('logs({filter: {scheduleId}}) has the fired message, every entry with that scheduleId', async () => {
+      const logs = await poll("DELIVERED of the fired message in the schedule's logs", async () => {
+        const r = await client.logs({ filter: { scheduleId: firing.id } });
+        return r.logs.some((l) => l.messageId === messageId && l.state === "DELIVERED") ? r.logs : undefined;
+      });
+      const others = logs.filter((l) => l.scheduleId !== firing.id);
+      if (others.length) throw new Error(`entries of another schedule: ${oneLine(JSON.stringify(others[0]))}`);
+    });
+  }
+  await check('schedules.delete of the "* * * * *" schedule: get() then throws status 404', async () => {
+    await withTimeout(client.schedules.delete(firing.id), CALL_TIMEOUT_MS, "schedules.delete");
+    await pollUntil404("schedules.get(deleted)", () => client.schedules.get(firing.id));
   });
 }

@@ -80,12 +80,13 @@ async fn add_endpoints(
         return Err(ApiError::BadRequest("endpoints must not be empty".into()));
     }
     let now = now_ms();
-    let mut group = state
-        .views()
-        .url_groups
-        .get(&name)
-        .unwrap_or_else(|| UrlGroupRecord::new(&name, now));
+    let existing = state.views().url_groups.get(&name);
+    let fresh = existing.is_none();
+    let mut group = existing.unwrap_or_else(|| UrlGroupRecord::new(&name, now));
     group.add(endpoints, now).map_err(ApiError::BadRequest)?;
+    if fresh {
+        group.updated_at = group.created_at;
+    }
     stored(state.writer.put(group.clone()).await)?;
     tracing::info!(group = %name, endpoints = group.endpoints.len(), "URL group endpoints added");
     Ok(Json(render(&group)))
@@ -107,6 +108,9 @@ async fn remove_endpoints(
     }
     let mut group = find(&state, &name)?;
     let removed = group.remove(&endpoints, now_ms());
+    if removed == 0 {
+        return Ok(Json(json!({ "removed": 0 })));
+    }
     if group.endpoints.is_empty() {
         stored(state.writer.remove::<UrlGroupRecord>(&name).await)?;
         tracing::info!(group = %name, "last endpoint removed; URL group deleted");
