@@ -25,12 +25,14 @@
 //!   order by one client per queue, all queues at once; the body carries (queue, sequence). It
 //!   reports enqueues/s, deliveries/s, publish→delivery latency, duplicates and **order
 //!   violations**: first deliveries whose sequence is below one already delivered for their queue
-//!   (must be 0). Then the same with queues of parallelism P > 1 (order not promised: "n/a").
-//!   Flow control: M messages published at once with one `Upstash-Flow-Control-Key` and
-//!   `rate=R, period=<p>`: the achieved starts/s at the receiver against the limit, and the most
+//!   (must be 0). Then the same with queues of parallelism P > 1 (order not promised: "n/a"),
+//!   and a backlog: queues of parallelism 1 filled while paused, then resumed (drain rate, order
+//!   through lane parking and rewinds). Flow control: M messages published at once with one
+//!   `Upstash-Flow-Control-Key` and `rate=R, period=<p>`: the achieved starts/s at the receiver against the limit, and the most
 //!   arrivals in any window of one period (kstash promises at most R plus a burst of 10 ms worth
 //!   of starts, at least 1). Then a key with `parallelism=K` and a receiver that holds every
 //!   request for a while: the most requests the receiver had open at once (must be ≤ K).
+//!   `--parts` picks the parts to run (default: all).
 //!
 //! `scripts/bench.sh` runs all of them on both brokers; BENCHMARKS.md has the results.
 //!
@@ -104,9 +106,10 @@ struct Common {
     /// The kstash binary (build it with `cargo build --release`).
     #[arg(long, default_value = "target/release/kstash")]
     bin: PathBuf,
-    /// Partitions of every topic (serve: topics.*.partitions; dev: dev.partitions). Default:
-    /// kstash's own defaults. With --mode serve this sets the queues and flow_control topics too,
-    /// which builds before 4960844 do not know (they refuse the config).
+    /// Partitions of the topics (serve: topics.<name>.partitions of ready, events, delay, dlq,
+    /// cancellations, dedup, queues and flow_control; dev: dev.partitions). Default: kstash's own
+    /// defaults. With --mode serve, builds before 4960844 refuse this config (they have no queues
+    /// and flow_control topics); topics added later keep their default partitions.
     #[arg(long)]
     partitions: Option<u32>,
     /// RUST_LOG of the kstash process (its log goes to a file in the scratch directory).
@@ -201,6 +204,15 @@ struct ThroughputArgs {
     grace: Duration,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum OrderPart {
+    Fifo,
+    FifoParallel,
+    Backlog,
+    FcRate,
+    FcParallelism,
+}
+
 #[derive(Args)]
 struct OrderArgs {
     #[command(flatten)]
@@ -211,10 +223,23 @@ struct OrderArgs {
     /// Messages per queue, enqueued in order by one client per queue (each waits for its response).
     #[arg(long, default_value_t = 500)]
     per_queue: usize,
-    /// Parallelism of the queues in the second FIFO run (order is not promised there; no
-    /// violation count). 1 skips that run.
+    /// Parallelism of the queues in the `fifo-parallel` part (order is not promised there; no
+    /// violation count).
     #[arg(long, default_value_t = 4)]
     queue_parallelism: u32,
+    /// The parts to run, in this order (comma-separated). `fifo`: queues of parallelism 1,
+    /// delivered while they are enqueued. `fifo-parallel`: the same with --queue-parallelism.
+    /// `backlog`: queues of parallelism 1 created paused, all messages enqueued, then every queue
+    /// resumed (deliveries/s from the first resume request to the last arrival; each queue's
+    /// backlog exceeds kstash's lane buffer, 64 by default, so its lane is parked and rewound).
+    /// `fc-rate`, `fc-parallelism`: the flow-control checks.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fifo,fifo-parallel,backlog,fc-rate,fc-parallelism"
+    )]
+    parts: Vec<OrderPart>,
     /// Flow-control part: attempt starts allowed per --fc-period for one key...
     #[arg(long, default_value_t = 50)]
     fc_rate: u32,
@@ -795,12 +820,19 @@ async fn order_bench(a: OrderArgs) -> Result<()> {
             .await;
     }
 
-    let mut fifo = vec![fifo_run(&a, &kstash, clock, "fifo", 1).await?];
-    if a.queue_parallelism > 1 {
-        fifo.push(fifo_run(&a, &kstash, clock, "fifo-par", a.queue_parallelism).await?);
+    let (mut fifo, mut flow) = (Vec::new(), Vec::new());
+    for part in &a.parts {
+        match part {
+            OrderPart::Fifo => fifo.push(fifo_run(&a, &kstash, clock, "fifo", 1, false).await?),
+            OrderPart::FifoParallel => fifo
+                .push(fifo_run(&a, &kstash, clock, "fifo-par", a.queue_parallelism, false).await?),
+            OrderPart::Backlog => {
+                fifo.push(fifo_run(&a, &kstash, clock, "fifo-backlog", 1, true).await?)
+            }
+            OrderPart::FcRate => flow.push(fc_rate_run(&a, &kstash, clock).await?),
+            OrderPart::FcParallelism => flow.push(fc_parallelism_run(&a, &kstash, clock).await?),
+        }
     }
-    let rate = fc_rate_run(&a, &kstash, clock).await?;
-    let parallel = fc_parallelism_run(&a, &kstash, clock).await?;
 
     let mut out = String::new();
     out += &format!("{}\n\n", environment(&a.common, &kstash));
@@ -812,22 +844,27 @@ async fn order_bench(a: OrderArgs) -> Result<()> {
         a.grace.as_secs(),
         a.linger.as_secs_f64()
     );
-    out += "FIFO queues: `POST /v2/enqueue/<queue>/…`, one client per queue publishing its \
+    if !fifo.is_empty() {
+        out += "FIFO queues: `POST /v2/enqueue/<queue>/…`, one client per queue publishing its \
             messages in order (each waits for the previous response), all queues at once. Order \
             violations = first deliveries whose sequence is below one already delivered for their \
-            queue (must be 0 at parallelism 1; not promised above it: n/a).\n\n";
-    out += "| queues | parallelism | messages | enqueue errors | enqueues/s | enqueue p50 (ms) | enqueue p99 (ms) | delivered | deliveries/s (first send → last arrival) | publish→delivery p50 (ms) | p99 (ms) | max (ms) | duplicates | order violations | kstash CPU (s) |\n";
-    out += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
-    for f in &fifo {
-        out += &f.row;
+            queue (must be 0 at parallelism 1; not promised above it: n/a). live = delivered \
+            while being enqueued; backlog = enqueued to paused queues, then all queues resumed \
+            (deliveries/s from the first resume request to the last arrival; no publish→delivery \
+            latency).\n\n";
+        out += "| run | queues | parallelism | messages | enqueue errors | enqueues/s | enqueue p50 (ms) | enqueue p99 (ms) | delivered | deliveries/s | publish→delivery p50 (ms) | p99 (ms) | max (ms) | duplicates | order violations | kstash CPU (s) |\n";
+        out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+        for f in &fifo {
+            out += &f.row;
+        }
+        for f in &fifo {
+            out += &f.notes;
+        }
     }
-    for f in &fifo {
-        out += &f.notes;
+    for f in &flow {
+        out += "\n";
+        out += f;
     }
-    out += "\n";
-    out += &rate;
-    out += "\n";
-    out += &parallel;
     out += &kstash.log_summary();
     kstash.stop().await?;
     println!("{out}");
@@ -840,13 +877,15 @@ struct FifoReport {
     notes: String,
 }
 
-/// Queues `<label>-0..` with `parallelism`, `--per-queue` messages each, enqueued in order.
+/// Queues `<label>-0..` with `parallelism`, `--per-queue` messages each, enqueued in order;
+/// `backlog`: to paused queues, resumed once all are enqueued.
 async fn fifo_run(
     a: &OrderArgs,
     kstash: &Kstash,
     clock: Instant,
     label: &'static str,
     parallelism: u32,
+    backlog: bool,
 ) -> Result<FifoReport> {
     let (queues, per) = (a.queues, a.per_queue);
     let total = queues * per;
@@ -857,12 +896,18 @@ async fn fifo_run(
         publisher
             .post_json(
                 "/v2/queues",
-                serde_json::json!({ "queueName": format!("{prefix}-{q}"), "parallelism": parallelism }),
+                serde_json::json!({
+                    "queueName": format!("{prefix}-{q}"),
+                    "parallelism": parallelism,
+                    "paused": backlog,
+                }),
             )
             .await?;
     }
     progress(format!(
-        "{label}: {queues} queues of parallelism {parallelism}, {per} messages each, one client per queue"
+        "{label}: {queues} {}queues of parallelism {parallelism}, {per} messages each, one client \
+         per queue",
+        if backlog { "paused " } else { "" }
     ));
     let cpu = CpuMeter::start(kstash)?;
     let route_prefix = prefix.clone();
@@ -883,8 +928,31 @@ async fn fifo_run(
             streams: Some(queues),
         })
         .await?;
+    // Backlog: let the records reach the (paused) lanes, then resume every queue.
+    let mut resumed_ms = None;
+    let mut early = 0;
+    let mut cpu_at_resume = 0.0;
+    if backlog {
+        tokio::time::sleep(a.linger).await;
+        early = receiver.delivered();
+        cpu_at_resume = kstash.cpu_seconds()?;
+        resumed_ms = Some(since(clock, Instant::now()));
+        for q in 0..queues {
+            publisher
+                .post_json(
+                    &format!("/v2/queues/{prefix}-{q}/resume"),
+                    serde_json::json!({}),
+                )
+                .await?;
+        }
+        progress(format!(
+            "{label}: {} delivered while paused; all {queues} queues resumed",
+            early
+        ));
+    }
     let waited = receiver.wait_for(run.ok_count(), a.grace, label).await;
     let kstash_cpu = kstash.cpu_seconds()? - cpu.kstash;
+    let drain_cpu = kstash.cpu_seconds()? - cpu_at_resume;
     let cpu = cpu.report(kstash)?;
     tokio::time::sleep(a.linger).await;
 
@@ -918,16 +986,17 @@ async fn fifo_run(
         .iter()
         .map(|s| s.sent_ms)
         .fold(f64::MAX, f64::min);
-    let e2e = Summary::of(e2e);
+    let e2e = Summary::of(if backlog { Vec::new() } else { e2e });
     let publish = Summary::of(run.latencies());
     let strict = parallelism == 1;
+    let rate = delivered as f64 / ((last_arrival - resumed_ms.unwrap_or(first_sent)) / 1e3);
     let row = format!(
-        "| {queues} | {parallelism} | {total} | {} | {:.0} | {} | {} | {delivered} | {:.0} | {} | {} | {} | {} | {} | {kstash_cpu:.1} |\n",
+        "| {} | {queues} | {parallelism} | {total} | {} | {:.0} | {} | {} | {delivered} | {rate:.0} | {} | {} | {} | {} | {} | {kstash_cpu:.1} |\n",
+        if backlog { "backlog" } else { "live" },
         run.errors,
         run.ok_count() as f64 / run.wall.as_secs_f64(),
         ms(publish.p50),
         ms(publish.p99),
-        delivered as f64 / ((last_arrival - first_sent) / 1e3),
         ms(e2e.p50),
         ms(e2e.p99),
         ms(e2e.max),
@@ -938,12 +1007,27 @@ async fn fifo_run(
             "n/a".to_string()
         },
     );
-    let mut notes = format!(
-        "\nParallelism {parallelism}: enqueued in {:.1} s, waited {:.1} s after the last \
-         enqueue; {cpu}\n",
-        run.wall.as_secs_f64(),
-        waited.as_secs_f64()
-    );
+    let mut notes =
+        match resumed_ms {
+            None => format!(
+            "\nLive, parallelism {parallelism}: enqueued in {:.1} s, waited {:.1} s after the last \
+             enqueue; {cpu}\n",
+            run.wall.as_secs_f64(),
+            waited.as_secs_f64()
+        ),
+            Some(resumed) => format!(
+            "\nBacklog, parallelism {parallelism}: enqueued in {:.1} s to paused queues, resumed \
+             {:.1} s after the last enqueue response, all delivered {:.1} s after the first resume \
+             request (kstash CPU from the first resume to the last arrival {drain_cpu:.1} s); \
+             {cpu}\n",
+            run.wall.as_secs_f64(),
+            (resumed - run.results.iter().map(|s| s.done_ms).fold(f64::MIN, f64::max)) / 1e3,
+            (last_arrival - resumed) / 1e3,
+        ),
+        };
+    if early > 0 {
+        notes += &format!("DELIVERED WHILE PAUSED: {early}\n");
+    }
     if strict {
         for (q, seq, h, at) in violations.iter().take(10) {
             notes += &format!(
