@@ -24,10 +24,11 @@ const BLOCKED: &str = "q:blocked";
 const NEVER: Duration = Duration::from_secs(3600);
 
 /// Records lanes by their `q:` key, never finishes the `BLOCKED` one, takes `work` for each
-/// record, and reports every handled offset.
+/// record (`slow_work` for keys starting with `q:slow`), and reports every handled offset.
 struct Handler {
     handled: mpsc::UnboundedSender<(String, i64)>,
     work: Duration,
+    slow_work: Duration,
 }
 
 impl RecordHandler for Handler {
@@ -46,7 +47,12 @@ impl RecordHandler for Handler {
     async fn handle(&self, record: OwnedMessage) -> Done {
         let key = String::from_utf8_lossy(record.key().unwrap_or_default()).into_owned();
         let _ = self.handled.send((key.clone(), record.offset()));
-        tokio::time::sleep(self.work).await;
+        let work = if key.starts_with("q:slow") {
+            self.slow_work
+        } else {
+            self.work
+        };
+        tokio::time::sleep(work).await;
         if key == BLOCKED {
             Done::Again {
                 at_ms: kstash::model::now_ms() + NEVER.as_millis() as i64,
@@ -146,6 +152,7 @@ async fn a_restart_skips_what_finished_behind_a_blocked_head() {
     let handler = Arc::new(Handler {
         handled: tx,
         work: Duration::ZERO,
+        slow_work: Duration::ZERO,
     });
     let running = tokio::spawn(first.run(handler, first_stop.clone()));
     let mut seen = Vec::new();
@@ -177,6 +184,7 @@ async fn a_restart_skips_what_finished_behind_a_blocked_head() {
     let handler = Arc::new(Handler {
         handled: tx2,
         work: Duration::ZERO,
+        slow_work: Duration::ZERO,
     });
     let shutdown = CancellationToken::new();
     let running = tokio::spawn(second.run(handler, shutdown.clone()));
@@ -217,6 +225,7 @@ async fn a_lane_larger_than_its_buffer_is_parked_and_taken_back_in_order() {
     let handler = Arc::new(Handler {
         handled: tx,
         work: Duration::from_millis(5),
+        slow_work: Duration::from_millis(5),
     });
     let running = tokio::spawn(consumer.run(handler, shutdown.clone()));
     let mut seen = Vec::new();
@@ -249,6 +258,47 @@ async fn a_lane_larger_than_its_buffer_is_parked_and_taken_back_in_order() {
         "{:?}",
         extra.lock().unwrap()
     );
+    shutdown.cancel();
+    let _ = running.await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_fast_lanes_with_tiny_buffers_each_take_every_record_once_in_order() {
+    const PER_LANE: usize = 60;
+    const LANES: [&str; 4] = ["q:slow-1", "q:slow-2", "q:fast-1", "q:fast-2"];
+    let setup = Setup::new().await;
+    for i in 0..PER_LANE {
+        for lane in LANES {
+            setup.produce(lane, &i.to_string()).await;
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    // A buffer of 3: the slow lanes park and rewind over and over while the fast ones keep going,
+    // so rewinds, skips ahead and the waits of other lanes for a pass all interleave.
+    let consumer = setup.consumer(3);
+    let handler = Arc::new(Handler {
+        handled: tx,
+        work: Duration::from_millis(1),
+        slow_work: Duration::from_millis(15),
+    });
+    let running = tokio::spawn(consumer.run(handler, shutdown.clone()));
+    let mut seen = Vec::new();
+    handled_until(&mut rx, &mut seen, |s| s.len() >= PER_LANE * LANES.len()).await;
+    for lane in LANES {
+        let offsets: Vec<i64> = seen
+            .iter()
+            .filter(|(k, _)| k == lane)
+            .map(|(_, o)| *o)
+            .collect();
+        assert_eq!(offsets.len(), PER_LANE, "{lane}: every record once");
+        assert!(
+            offsets.windows(2).all(|w| w[0] < w[1]),
+            "{lane}: in offset order: {offsets:?}"
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+    assert!(extra.is_err(), "handled again: {extra:?}");
     shutdown.cancel();
     let _ = running.await;
 }

@@ -160,6 +160,8 @@ struct Pauses {
     /// The offset each partition reads next (one past the last record received, or where it was
     /// sought to): a lane rewind only seeks backwards from here.
     read_next: HashMap<Tp, i64>,
+    /// One past the highest offset each partition has read (a rewind reads below it again).
+    read_high: HashMap<Tp, i64>,
 }
 
 impl Pauses {
@@ -167,6 +169,7 @@ impl Pauses {
         self.held.remove(tp);
         self.rewound.remove(tp);
         self.read_next.remove(tp);
+        self.read_high.remove(tp);
     }
 
     fn next_wake(&self) -> Option<i64> {
@@ -405,6 +408,8 @@ impl ParallelConsumer {
                 return true;
             }
             pauses.read_next.insert(tp.clone(), offset + 1);
+            let high = pauses.read_high.entry(tp.clone()).or_insert(offset + 1);
+            *high = (*high).max(offset + 1);
         }
         match lock(&self.books.tracker).state(topic, partition, offset) {
             OffsetState::Pending => {}
@@ -454,7 +459,12 @@ impl ParallelConsumer {
                     record: m.detach(),
                     ticket,
                 };
-                let pushed = lock(&self.books.lanes).push(&id, offset, held);
+                let read_high = lock(&self.books.pauses)
+                    .read_high
+                    .get(&id_tp(&id))
+                    .copied()
+                    .unwrap_or(offset + 1);
+                let pushed = lock(&self.books.lanes).push(&id, offset, held, read_high);
                 match pushed {
                     Pushed::Queued {
                         start_dispatcher: Some(generation),
@@ -464,8 +474,9 @@ impl ParallelConsumer {
                     }
                     Pushed::Queued { notify, .. } => notify.notify_one(),
                     Pushed::Parked(held) => {
-                        tracing::debug!(topic, partition, offset, lane = %id.key, "lane full; record parked in Kafka");
+                        tracing::trace!(topic, partition, offset, lane = %id.key, "lane full; record parked in Kafka");
                         lock(&self.books.tracker).release(&held.ticket);
+                        self.fast_forward(&id, offset);
                     }
                 }
             }
@@ -544,6 +555,35 @@ impl ParallelConsumer {
                 // uncommitted (never held), so it is read again after a restart.
                 tracing::error!(error = %e, topic, partition, offset, "seek back failed");
             }
+        }
+    }
+
+    /// After `lane` parked again at `offset` while re-reading, jumps the partition forward past
+    /// what this pass would only read and drop again (see `lanes.rs`). Only an active partition:
+    /// a paused one may have handed records back below the jump.
+    fn fast_forward(&self, lane: &LaneId, offset: i64) {
+        let tp = (lane.topic.clone(), lane.partition);
+        let mut pauses = lock(&self.books.pauses);
+        if pauses.all || pauses.held.contains_key(&tp) || pauses.rewound.contains_key(&tp) {
+            return;
+        }
+        let Some(high) = pauses.read_high.get(&tp).copied() else {
+            return;
+        };
+        let Some(target) = lock(&self.books.lanes).fast_forward_target(lane, offset, high) else {
+            return;
+        };
+        match self.consumer.seek(
+            &lane.topic,
+            lane.partition,
+            Offset::Offset(target),
+            SEEK_TIMEOUT,
+        ) {
+            Ok(()) => {
+                tracing::debug!(topic = %lane.topic, partition = lane.partition, from = offset, to = target, "parked lane: skipped ahead");
+                pauses.read_next.insert(tp, target);
+            }
+            Err(e) => tracing::debug!(error = %e, "skip ahead failed; reading on"),
         }
     }
 
@@ -633,6 +673,10 @@ impl ParallelConsumer {
             Err(e) => tracing::warn!(error = %e, paused, "pause/resume failed"),
         }
     }
+}
+
+fn id_tp(id: &LaneId) -> Tp {
+    (id.topic.clone(), id.partition)
 }
 
 /// The dispatcher of one lane: starts its records in order under its policy and gate, until the

@@ -15,6 +15,15 @@
 //! the parked offset and the lane takes its records again from there. A paused lane sheds what it
 //! holds the same way, so a paused queue waits in Kafka, not in memory. The offset tracker keeps
 //! every parked record unfinished, so nothing is committed past it and nothing is lost.
+//!
+//! A deep backlog in one lane would make every rewind read the whole rest of the backlog again
+//! (quadratic in its depth). So when a lane parks again *while re-reading* records read before,
+//! the consumer jumps forward again ([`Lanes::fast_forward_target`]): everything between is
+//! either finished, in memory, or parked by a lane that will rewind to it itself. Two kinds of
+//! lanes rely on the pass going on, and then there is no jump (or a shorter one): a lane that was
+//! taken back during this pass and is still catching up on its records below where reading had
+//! stood, and a lane that asked for a rewind this pass was to serve (the jump stops at its
+//! records). Each rewind then costs about one lane buffer of records, not the backlog.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -86,6 +95,9 @@ struct Lane<T> {
     /// Lowest offset of a record of this lane dropped from memory and not taken back yet.
     parked_from: Option<i64>,
     rewind_requested: bool,
+    /// Taken back during a re-read and not yet past where reading had stood: it needs the pass to
+    /// go on over all of its records read before.
+    catching_up: bool,
     dispatching: bool,
     notify: Arc<Notify>,
 }
@@ -125,8 +137,9 @@ impl<T> Lanes<T> {
         self.buffered * REWIND_BELOW_DEN <= self.max_buffered * REWIND_BELOW_NUM
     }
 
-    /// Takes record `offset` of lane `id` (in offset order per lane), or parks it.
-    pub fn push(&mut self, id: &LaneId, offset: i64, item: T) -> Pushed<T> {
+    /// Takes record `offset` of lane `id` (in offset order per lane), or parks it. `read_high` is
+    /// one past the highest offset of the partition read so far (below it is a re-read).
+    pub fn push(&mut self, id: &LaneId, offset: i64, item: T, read_high: i64) -> Pushed<T> {
         let full_globally = self.buffered >= self.max_buffered;
         let lane_buffer = self.lane_buffer;
         let generation = &mut self.next_generation;
@@ -138,6 +151,7 @@ impl<T> Lanes<T> {
                 running: 0,
                 parked_from: None,
                 rewind_requested: false,
+                catching_up: false,
                 dispatching: false,
                 notify: Arc::new(Notify::new()),
             }
@@ -157,8 +171,10 @@ impl<T> Lanes<T> {
         } else if lane.waiting.len() >= lane_buffer || full_globally {
             lane.parked_from = Some(offset);
             lane.rewind_requested = false;
+            lane.catching_up = false;
             return Pushed::Parked(item);
         }
+        lane.catching_up = offset + 1 < read_high;
         lane.waiting.push_back((offset, item));
         self.buffered += 1;
         let start_dispatcher = (!lane.dispatching).then(|| {
@@ -267,6 +283,36 @@ impl<T> Lanes<T> {
         })
     }
 
+    /// Where the partition of `lane` may jump forward to after `lane` parked again at `offset`
+    /// while re-reading below `read_high` (one past the highest offset read): `read_high`, or the
+    /// lowest parked offset above `offset` of another lane of the partition that asked for a
+    /// rewind (it relies on this pass to reach its records). `None`: no jump.
+    pub fn fast_forward_target(&self, lane: &LaneId, offset: i64, read_high: i64) -> Option<i64> {
+        if offset + 1 >= read_high {
+            return None;
+        }
+        let someone_catching_up = self.lanes.iter().any(|(id, l)| {
+            id != lane && id.topic == lane.topic && id.partition == lane.partition && l.catching_up
+        });
+        if someone_catching_up {
+            return None;
+        }
+        let waiting_for_this_pass = self
+            .lanes
+            .iter()
+            .filter(|(id, l)| {
+                *id != lane
+                    && id.topic == lane.topic
+                    && id.partition == lane.partition
+                    && l.rewind_requested
+            })
+            .filter_map(|(_, l)| l.parked_from)
+            .filter(|p| *p > offset)
+            .min();
+        let target = waiting_for_this_pass.map_or(read_high, |p| p.min(read_high));
+        (target > offset + 1).then_some(target)
+    }
+
     /// Rewinds every parked lane may ask for now (after the process freed room).
     pub fn rewinds_due(&mut self) -> Vec<Rewind> {
         let ids: Vec<LaneId> = self
@@ -326,6 +372,9 @@ mod tests {
         }
     }
 
+    /// `read_high` for records read for the first time (nothing above them was read yet).
+    const NEW: i64 = 0;
+
     const FIFO: LanePolicy = LanePolicy {
         parallelism: 1,
         paused: false,
@@ -351,9 +400,10 @@ mod tests {
     fn one_at_a_time_in_offset_order() {
         let mut lanes = Lanes::new(10, 100);
         let q = id("q:a");
-        let generation = queued(lanes.push(&q, 1, "m1")).expect("first push starts a dispatcher");
+        let generation =
+            queued(lanes.push(&q, 1, "m1", NEW)).expect("first push starts a dispatcher");
         assert_eq!(
-            queued(lanes.push(&q, 3, "m3")),
+            queued(lanes.push(&q, 3, "m3", NEW)),
             None,
             "dispatcher already running"
         );
@@ -369,7 +419,7 @@ mod tests {
         assert!(matches!(lanes.next(&q, generation, FIFO).0, Next::Exit));
         assert_eq!(lanes.buffered(), 0);
         // A new record starts a new dispatcher with a new generation.
-        let again = queued(lanes.push(&q, 9, "m9")).unwrap();
+        let again = queued(lanes.push(&q, 9, "m9", NEW)).unwrap();
         assert_ne!(again, generation);
         assert!(
             matches!(lanes.next(&q, generation, FIFO).0, Next::Exit),
@@ -381,9 +431,9 @@ mod tests {
     fn parallelism_bounds_running_records() {
         let mut lanes = Lanes::new(10, 100);
         let q = id("q:b");
-        let g = queued(lanes.push(&q, 0, 0)).unwrap();
+        let g = queued(lanes.push(&q, 0, 0, NEW)).unwrap();
         for o in 1..5 {
-            lanes.push(&q, o, o);
+            lanes.push(&q, o, o, NEW);
         }
         let two = LanePolicy {
             parallelism: 2,
@@ -401,20 +451,20 @@ mod tests {
         let mut lanes = Lanes::new(4, 100);
         let q = id("q:c");
         let other = id("q:d");
-        let g = queued(lanes.push(&q, 0, 0)).unwrap();
+        let g = queued(lanes.push(&q, 0, 0, NEW)).unwrap();
         for o in 1..4 {
-            lanes.push(&q, o * 2, o * 2);
+            lanes.push(&q, o * 2, o * 2, NEW);
         }
         assert!(
-            matches!(lanes.push(&q, 8, 8), Pushed::Parked(8)),
+            matches!(lanes.push(&q, 8, 8, NEW), Pushed::Parked(8)),
             "lane full"
         );
         assert!(
-            matches!(lanes.push(&q, 10, 10), Pushed::Parked(10)),
+            matches!(lanes.push(&q, 10, 10, NEW), Pushed::Parked(10)),
             "later records of a parked lane are dropped too"
         );
         assert!(
-            matches!(lanes.push(&other, 9, 9), Pushed::Queued { .. }),
+            matches!(lanes.push(&other, 9, 9, NEW), Pushed::Queued { .. }),
             "other lanes keep flowing"
         );
         // Drain to half: the first start leaves 3 waiting (> 2): no rewind yet.
@@ -439,17 +489,81 @@ mod tests {
         lanes.finished(&q, g);
         assert_eq!(lanes.next(&q, g, FIFO).2, None, "asked once");
         // The re-read: 10 before 8 would break order, so it is dropped; 8 is taken back.
-        assert!(matches!(lanes.push(&q, 10, 10), Pushed::Parked(10)));
-        assert!(matches!(lanes.push(&q, 8, 8), Pushed::Queued { .. }));
-        assert!(matches!(lanes.push(&q, 10, 10), Pushed::Queued { .. }));
+        assert!(matches!(lanes.push(&q, 10, 10, NEW), Pushed::Parked(10)));
+        assert!(matches!(lanes.push(&q, 8, 8, NEW), Pushed::Queued { .. }));
+        assert!(matches!(lanes.push(&q, 10, 10, NEW), Pushed::Queued { .. }));
+    }
+
+    #[test]
+    fn a_lane_parking_again_while_re_reading_jumps_forward_but_not_past_a_waiting_lane() {
+        let mut lanes = Lanes::new(2, 100);
+        let (a, b) = (id("q:a"), id("q:b"));
+        lanes.push(&a, 10, 10, NEW);
+        lanes.push(&a, 11, 11, NEW);
+        assert!(matches!(lanes.push(&a, 12, 12, NEW), Pushed::Parked(_)));
+        assert_eq!(
+            lanes.fast_forward_target(&a, 12, 100),
+            Some(100),
+            "nothing else waits: jump to where reading stood"
+        );
+        assert_eq!(
+            lanes.fast_forward_target(&a, 99, 100),
+            None,
+            "nothing to skip"
+        );
+        // b parked at 50 and asked for a rewind that this pass was to serve.
+        let gb = match lanes.push(&b, 40, 40, NEW) {
+            Pushed::Queued {
+                start_dispatcher, ..
+            } => start_dispatcher.unwrap(),
+            p => panic!("{p:?}"),
+        };
+        lanes.push(&b, 41, 41, NEW);
+        assert!(matches!(lanes.push(&b, 50, 50, NEW), Pushed::Parked(_)));
+        let (n, _, rewind) = lanes.next(&b, gb, FIFO);
+        started(n);
+        assert_eq!(rewind.map(|r| r.offset), Some(50), "b has room: it asks");
+        assert_eq!(
+            lanes.fast_forward_target(&a, 12, 100),
+            Some(50),
+            "stop where the other lane's records start"
+        );
+        assert_eq!(lanes.fast_forward_target(&a, 60, 100), Some(100));
+
+        // c is taken back during the re-read (its record 20, below where reading stood at 100):
+        // its later records of the last pass are still ahead, so nobody jumps past them.
+        let c = id("q:c");
+        lanes.push(&c, 15, 15, NEW);
+        lanes.push(&c, 16, 16, NEW);
+        assert!(matches!(lanes.push(&c, 20, 20, NEW), Pushed::Parked(_)));
+        let gc = lanes.lanes[&c].generation;
+        let (first, _, _) = lanes.next(&c, gc, FIFO);
+        lanes.finished(&c, gc);
+        let (second, _, _) = lanes.next(&c, gc, FIFO);
+        assert_eq!((started(first).0, started(second).0), (15, 16));
+        assert!(matches!(lanes.push(&c, 20, 20, 100), Pushed::Queued { .. }));
+        assert_eq!(
+            lanes.fast_forward_target(&a, 60, 100),
+            None,
+            "c catches up on this pass"
+        );
+        assert!(matches!(
+            lanes.push(&c, 100, 100, 101),
+            Pushed::Queued { .. }
+        ));
+        assert_eq!(
+            lanes.fast_forward_target(&a, 60, 101),
+            Some(101),
+            "c has caught up"
+        );
     }
 
     #[test]
     fn a_paused_lane_sheds_its_records_and_rewinds_when_resumed() {
         let mut lanes = Lanes::new(10, 100);
         let q = id("q:e");
-        let g = queued(lanes.push(&q, 5, 5)).unwrap();
-        lanes.push(&q, 7, 7);
+        let g = queued(lanes.push(&q, 5, 5, NEW)).unwrap();
+        lanes.push(&q, 7, 7, NEW);
         let paused = LanePolicy {
             parallelism: 1,
             paused: true,
@@ -460,7 +574,7 @@ mod tests {
         assert_eq!(rewind, None);
         assert_eq!(lanes.buffered(), 0);
         assert!(
-            matches!(lanes.push(&q, 9, 9), Pushed::Parked(9)),
+            matches!(lanes.push(&q, 9, 9, NEW), Pushed::Parked(9)),
             "parked while paused"
         );
         let (next, _, rewind) = lanes.next(&q, g, FIFO);
@@ -474,7 +588,7 @@ mod tests {
             "resume starts with the oldest"
         );
         assert!(matches!(
-            lanes.push(&q, 5, 5),
+            lanes.push(&q, 5, 5, NEW),
             Pushed::Queued {
                 start_dispatcher: Some(_),
                 ..
@@ -486,10 +600,10 @@ mod tests {
     fn the_global_bound_parks_and_rewinds_below_three_quarters() {
         let mut lanes = Lanes::new(10, 4);
         let g: Vec<u64> = (0..4)
-            .map(|o| queued(lanes.push(&id(&format!("k{o}")), o, o)).unwrap())
+            .map(|o| queued(lanes.push(&id(&format!("k{o}")), o, o, NEW)).unwrap())
             .collect();
         let late = id("k9");
-        assert!(matches!(lanes.push(&late, 9, 9), Pushed::Parked(9)));
+        assert!(matches!(lanes.push(&late, 9, 9, NEW), Pushed::Parked(9)));
         assert!(lanes.rewinds_due().is_empty(), "4 of 4 buffered");
         let (n, _, _) = lanes.next(&id("k0"), g[0], FIFO);
         started(n);
@@ -502,8 +616,8 @@ mod tests {
     fn revoking_a_partition_drops_its_lanes() {
         let mut lanes = Lanes::new(10, 100);
         let q = id("q:f");
-        let g = queued(lanes.push(&q, 1, 1)).unwrap();
-        lanes.push(&q, 2, 2);
+        let g = queued(lanes.push(&q, 1, 1, NEW)).unwrap();
+        lanes.push(&q, 2, 2, NEW);
         started(lanes.next(&q, g, FIFO).0);
         assert_eq!(lanes.revoke("ready", 0), vec![2]);
         assert_eq!(lanes.buffered(), 0);
