@@ -10,9 +10,10 @@
 //! Exactly once: a fire writes the fired messages (to the ready topic or the delay ladder), their
 //! CREATED events, and the schedule's new last-fire record in **one Kafka transaction**, through a
 //! transactional producer whose identity is the partition (`<prefix>scheduler-<p>`). A process
-//! that takes partition `p` over first initialises that producer, which fences the previous owner
-//! (its commits fail from then on) and aborts any transaction it left open; it then reads both
-//! partitions up to their end before it fires anything. So it sees every fire the previous owner
+//! that takes partition `p` over, once it sees a schedule there, first initialises that producer,
+//! which fences the previous owner (its commits fail from then on) and aborts any transaction it
+//! left open; it then writes a barrier record into both partitions and reads them up to it before
+//! it fires anything. (A partition without schedules costs no producer.) So it sees every fire the previous owner
 //! committed, and no fire can be committed twice: a takeover neither fires a time twice nor skips
 //! it. A time missed while nobody owned the schedule fires once, for the latest missed time, not
 //! once per missed time.
@@ -104,15 +105,27 @@ impl ConsumerContext for AssignmentContext {
     }
 }
 
+/// How far the owner is with one of its partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Read from the beginning; no schedule seen yet, so nothing to fence or fire (an idle
+    /// partition costs no transactional producer).
+    Idle,
+    /// Fenced; waiting to read back the barrier records written in the schedules and the fires
+    /// partition (`None` once read): everything before them, every fire the previous owner
+    /// committed included, is then known.
+    Arming(Option<i64>, Option<i64>),
+    /// Fires what is due.
+    Ready,
+}
+
 /// What the owner knows of one of its partitions.
 struct Owned {
     /// The assignment that gave it.
     generation: u64,
-    producer: Arc<TxProducer>,
-    /// Offsets of the barrier records written on take-over, in the schedules and the fires
-    /// partition, until each was read back: everything before it is then known. Only then does
-    /// the partition fire.
-    barriers: (Option<i64>, Option<i64>),
+    stage: Stage,
+    /// The partition's transactional producer, from arming on.
+    producer: Option<Arc<TxProducer>>,
     schedules: HashMap<String, ScheduleRecord>,
     fires: HashMap<String, ScheduleFire>,
     /// Schedules whose last fire failed: not before this time (unix ms).
@@ -186,14 +199,17 @@ impl Scheduler {
             return; // not taken over yet: it is read again from the beginning when it is
         };
         let is_fire = m.topic() == self.topics.fires;
-        let barrier = if is_fire {
-            &mut part.barriers.1
-        } else {
-            &mut part.barriers.0
-        };
-        if barrier.is_some_and(|b| m.offset() >= b) {
-            *barrier = None;
-            if part.barriers == (None, None) {
+        if let Stage::Arming(schedules_barrier, fires_barrier) = &mut part.stage {
+            let barrier = if is_fire {
+                fires_barrier
+            } else {
+                schedules_barrier
+            };
+            if barrier.is_some_and(|b| m.offset() >= b) {
+                *barrier = None;
+            }
+            if part.stage == Stage::Arming(None, None) {
+                part.stage = Stage::Ready;
                 tracing::info!(
                     partition = m.partition(),
                     schedules = part.schedules.len(),
@@ -261,37 +277,8 @@ impl Scheduler {
             .filter(|(p, _)| !owned.contains_key(p))
             .collect();
         for (p, generation) in new {
-            let producer = Arc::new(TxProducer::new(
-                &self.kafka,
-                format!("{}scheduler-{p}", self.topics.identity_prefix),
-                self.transaction_timeout,
-            ));
-            // Fences the previous owner and aborts what it left open, before we read to the end.
-            if let Err(e) = producer.init().await {
-                tracing::error!(partition = p, error = %e, "cannot take over schedules partition; will retry");
-                continue;
-            }
-            // A barrier in each partition: once both are read back, so is everything before them,
-            // including every fire the previous owner committed.
-            let barrier = |topic: &str| Outgoing {
-                topic: topic.to_string(),
-                partition: Some(p),
-                key: BARRIER_KEY.to_string(),
-                value: None,
-                headers: Vec::new(),
-            };
-            let written = producer
-                .write(&[barrier(&self.topics.schedules), barrier(&self.topics.fires)])
-                .await;
-            let barriers = match written {
-                Ok(acks) if acks.len() == 2 => (Some(acks[0].offset), Some(acks[1].offset)),
-                other => {
-                    tracing::warn!(partition = p, result = ?other.err(), "cannot mark the partition's end; will retry");
-                    continue;
-                }
-            };
-            // Read both partitions again from the beginning: the copy is rebuilt from Kafka (records
-            // that arrived before now were not kept).
+            // Read both partitions again from the beginning: the copy is rebuilt from Kafka
+            // (records that arrived before now were not kept).
             let sought = [&self.topics.schedules, &self.topics.fires]
                 .iter()
                 .map(|topic| consumer.seek(topic, p, Offset::Beginning, SEEK_TIMEOUT))
@@ -304,8 +291,8 @@ impl Scheduler {
                 p,
                 Owned {
                     generation,
-                    producer,
-                    barriers,
+                    stage: Stage::Idle,
+                    producer: None,
                     schedules: HashMap::new(),
                     fires: HashMap::new(),
                     backoff: HashMap::new(),
@@ -313,12 +300,52 @@ impl Scheduler {
             );
             tracing::info!(partition = p, "schedules partition taken over");
         }
+        for (p, part) in owned.iter_mut() {
+            if part.stage == Stage::Idle && !part.schedules.is_empty() {
+                self.arm(*p, part).await;
+            }
+        }
+    }
+
+    /// A partition with schedules to fire: fences its previous owner (which aborts whatever it
+    /// left open) and writes the barriers to read back before firing. A failure is tried again at
+    /// the next tick.
+    async fn arm(&self, p: i32, part: &mut Owned) {
+        let producer = Arc::new(TxProducer::new(
+            &self.kafka,
+            format!("{}scheduler-{p}", self.topics.identity_prefix),
+            self.transaction_timeout,
+        ));
+        if let Err(e) = producer.init().await {
+            tracing::error!(partition = p, error = %e, "cannot fence the schedules partition's previous owner; will retry");
+            return;
+        }
+        let barrier = |topic: &str| Outgoing {
+            topic: topic.to_string(),
+            partition: Some(p),
+            key: BARRIER_KEY.to_string(),
+            value: None,
+            headers: Vec::new(),
+        };
+        match producer
+            .write(&[barrier(&self.topics.schedules), barrier(&self.topics.fires)])
+            .await
+        {
+            Ok(acks) if acks.len() == 2 => {
+                part.stage = Stage::Arming(Some(acks[0].offset), Some(acks[1].offset));
+                part.producer = Some(producer);
+                tracing::debug!(partition = p, "schedules partition fenced; reading to its end");
+            }
+            other => {
+                tracing::warn!(partition = p, result = ?other.err(), "cannot mark the partition's end; will retry");
+            }
+        }
     }
 
     /// Fires every due schedule of the caught-up partitions.
     async fn fire_due(&self, owned: &mut HashMap<i32, Owned>) {
         let now = now_ms();
-        for (p, part) in owned.iter_mut().filter(|(_, o)| o.barriers == (None, None)) {
+        for (p, part) in owned.iter_mut().filter(|(_, o)| o.stage == Stage::Ready) {
             let due: Vec<(ScheduleRecord, i64)> = part
                 .schedules
                 .values()
@@ -386,7 +413,11 @@ impl Scheduler {
                 .map(|e| Outgoing::record(&self.topics.events, None, &created_event(e))),
         );
         records.push(Outgoing::record(&self.topics.fires, Some(partition), &fire));
-        part.producer.write(&records).await?;
+        let producer = part
+            .producer
+            .as_ref()
+            .expect("a partition is ready only once it has its producer");
+        producer.write(&records).await?;
         tracing::info!(
             schedule_id = %schedule.schedule_id,
             scheduled_at = at,
