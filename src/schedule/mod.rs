@@ -334,7 +334,10 @@ impl Scheduler {
             Ok(acks) if acks.len() == 2 => {
                 part.stage = Stage::Arming(Some(acks[0].offset), Some(acks[1].offset));
                 part.producer = Some(producer);
-                tracing::debug!(partition = p, "schedules partition fenced; reading to its end");
+                tracing::debug!(
+                    partition = p,
+                    "schedules partition fenced; reading to its end"
+                );
             }
             other => {
                 tracing::warn!(partition = p, result = ?other.err(), "cannot mark the partition's end; will retry");
