@@ -262,16 +262,7 @@ async fn messages_and_logs_name_their_queue() {
         .await;
     assert_eq!(receiver.next().await.message_id(), id);
     let logs = common::eventually("the DELIVERED log entry", || async {
-        let (_, logs) = api
-            .send(
-                Method::GET,
-                "/v2/logs",
-                &[("queueName", "named")],
-                &[],
-                None,
-            )
-            .await;
-        let entries = logs["logs"].as_array().cloned().unwrap_or_default();
+        let entries = api.logs(&[("queueName", "named")]).await;
         entries
             .iter()
             .any(|e| e["state"] == "DELIVERED")

@@ -194,16 +194,9 @@ async fn an_every_minute_schedule_fires_on_the_minute_with_its_id() {
     let states = s["lastScheduleStates"].as_object().unwrap();
     assert_eq!(states.len(), 1);
     let logs = common::eventually("the fire's log entries with its schedule id", || async {
-        let (_, logs) = api
-            .send(
-                Method::GET,
-                "/v2/logs",
-                &[("scheduleId", "minutely"), ("state", "DELIVERED")],
-                &[],
-                None,
-            )
+        let entries = api
+            .logs(&[("scheduleId", "minutely"), ("state", "DELIVERED")])
             .await;
-        let entries = logs["logs"].as_array().cloned().unwrap_or_default();
         (entries.len() == 2).then_some(entries)
     })
     .await;

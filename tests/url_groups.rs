@@ -102,16 +102,9 @@ async fn a_publish_fans_out_and_each_endpoint_has_its_own_retries_and_dlq_entry(
 
     // Logs filter by the group.
     let logs = common::eventually("the group's DELIVERED entries", || async {
-        let (_, logs) = api
-            .send(
-                Method::GET,
-                "/v2/logs",
-                &[("topicName", "fan"), ("state", "DELIVERED")],
-                &[],
-                None,
-            )
+        let entries = api
+            .logs(&[("topicName", "fan"), ("state", "DELIVERED")])
             .await;
-        let entries = logs["logs"].as_array().cloned().unwrap_or_default();
         (entries.len() == 2).then_some(entries)
     })
     .await;

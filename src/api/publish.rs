@@ -73,7 +73,7 @@ impl Publish {
     pub fn new(
         destination: Destination,
         queue: Option<String>,
-        options: PublishOptions,
+        mut options: PublishOptions,
         body: Vec<u8>,
         caller_ip: Option<String>,
         now: i64,
@@ -82,24 +82,9 @@ impl Publish {
             destination,
             queue,
             not_before: options.not_before,
-            dedup: options.dedup,
+            dedup: options.dedup.take(),
             now,
-            spec: MessageSpec {
-                method: options.method,
-                header: options.forward,
-                body,
-                max_retries: options.max_retries,
-                retry_delay_expression: options.retry_delay,
-                timeout_ms: options
-                    .timeout
-                    .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-                delay_ms: None,
-                labels: options.labels,
-                callback: options.callback,
-                failure_callback: options.failure_callback,
-                flow_control: options.flow_control,
-                caller_ip,
-            },
+            spec: options.into_spec(body, caller_ip, None),
         }
     }
 

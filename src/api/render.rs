@@ -9,10 +9,12 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Map, Value};
 
+use crate::model::callback::Callback;
 use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::Event;
 use crate::model::flow::FlowControl;
+use crate::model::schedule::{CronSpec, ScheduleFire, ScheduleRecord};
 
 /// Inserts `key: value` when `value` is `Some`.
 fn put<T: serde::Serialize>(o: &mut Map<String, Value>, key: &str, value: Option<T>) {
@@ -41,6 +43,25 @@ fn put_caller_ip(o: &mut Map<String, Value>, ip: Option<&String>) {
     put(o, "callerIp", ip);
 }
 
+/// `callback` and `failureCallback` with their headers under `<key><header_suffix>` (the
+/// message shape says `callbackHeader`, the log entry `callbackHeaders`).
+fn put_callbacks(
+    o: &mut Map<String, Value>,
+    callback: &Option<Callback>,
+    failure_callback: &Option<Callback>,
+    header_suffix: &str,
+) {
+    for (key, cb) in [
+        ("callback", callback),
+        ("failureCallback", failure_callback),
+    ] {
+        if let Some(cb) = cb {
+            o.insert(key.into(), json!(cb.url));
+            o.insert(format!("{key}{header_suffix}"), json!(cb.header));
+        }
+    }
+}
+
 /// A message (`GET /v2/messages/{id}`).
 pub fn message(m: &Envelope) -> Map<String, Value> {
     let mut o = Map::new();
@@ -59,14 +80,7 @@ pub fn message(m: &Envelope) -> Map<String, Value> {
         m.retry_delay_expression.as_ref(),
     );
     put(&mut o, "timeout", m.timeout_ms);
-    if let Some(cb) = &m.callback {
-        o.insert("callback".into(), json!(cb.url));
-        o.insert("callbackHeader".into(), json!(cb.header));
-    }
-    if let Some(cb) = &m.failure_callback {
-        o.insert("failureCallback".into(), json!(cb.url));
-        o.insert("failureCallbackHeader".into(), json!(cb.header));
-    }
+    put_callbacks(&mut o, &m.callback, &m.failure_callback, "Header");
     put_labels(&mut o, &m.labels);
     put_caller_ip(&mut o, m.caller_ip.as_ref());
     put(&mut o, "queueName", m.queue_name.as_ref());
@@ -88,6 +102,45 @@ fn put_flow_control(o: &mut Map<String, Value>, fc: Option<&FlowControl>) {
 }
 
 const MILLIS_PER_SECOND: u64 = 1000;
+
+/// A schedule as the SDKs read it (Python requires scheduleId, destination, cron, createdAt,
+/// method, retries), as of `now` with its last fire `fire`; without `lastScheduleStates`, which
+/// needs the log.
+pub fn schedule(s: &ScheduleRecord, fire: Option<&ScheduleFire>, now: i64) -> Map<String, Value> {
+    let m = &s.message;
+    let mut o = Map::new();
+    o.insert("scheduleId".into(), json!(s.schedule_id));
+    o.insert("cron".into(), json!(s.cron));
+    o.insert("destination".into(), json!(s.destination));
+    o.insert("method".into(), json!(m.method));
+    o.insert("header".into(), json!(m.header));
+    put_body(&mut o, "body", "bodyBase64", &m.body);
+    o.insert("retries".into(), json!(m.max_retries));
+    o.insert("createdAt".into(), json!(s.created_at));
+    o.insert("isPaused".into(), json!(s.paused));
+    put(&mut o, "delay", m.delay_ms.map(|d| d / MILLIS_PER_SECOND));
+    put(&mut o, "timeout", m.timeout_ms);
+    put(
+        &mut o,
+        "retryDelayExpression",
+        m.retry_delay_expression.as_ref(),
+    );
+    put_callbacks(&mut o, &m.callback, &m.failure_callback, "Header");
+    put(&mut o, "queueName", s.queue_name.as_ref());
+    put_caller_ip(&mut o, m.caller_ip.as_ref());
+    put_flow_control(&mut o, m.flow_control.as_ref());
+    put_labels(&mut o, &m.labels);
+    if let Some(f) = fire {
+        o.insert("lastScheduleTime".into(), json!(f.scheduled_at));
+        put(&mut o, "error", f.error.as_ref());
+    }
+    if let Ok(cron) = CronSpec::parse(&s.cron) {
+        if let Some(next) = s.next_fire(&cron, fire.map(|f| f.scheduled_at)) {
+            o.insert("nextScheduleTime".into(), json!(next.max(now)));
+        }
+    }
+    o
+}
 
 /// A log entry (`GET /v2/events`, `/v2/logs`).
 pub fn event(e: &Event) -> Value {
@@ -121,14 +174,7 @@ pub fn event(e: &Event) -> Value {
             "retryDelayExpression",
             m.retry_delay_expression.as_ref(),
         );
-        if let Some(cb) = &m.callback {
-            o.insert("callback".into(), json!(cb.url));
-            o.insert("callbackHeaders".into(), json!(cb.header));
-        }
-        if let Some(cb) = &m.failure_callback {
-            o.insert("failureCallback".into(), json!(cb.url));
-            o.insert("failureCallbackHeaders".into(), json!(cb.header));
-        }
+        put_callbacks(&mut o, &m.callback, &m.failure_callback, "Headers");
     }
     put_labels(&mut o, &e.labels);
     put_caller_ip(&mut o, e.caller_ip.as_ref());
@@ -216,5 +262,45 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "{key}");
         }
+    }
+
+    #[test]
+    fn schedule_has_the_keys_python_requires_and_the_sdk_spellings() {
+        let s = crate::model::schedule::sample();
+        let now = crate::model::schedule::SAMPLE_CREATED_AT;
+        let v = schedule(&s, None, now);
+        for key in [
+            "scheduleId",
+            "destination",
+            "cron",
+            "createdAt",
+            "method",
+            "retries",
+        ] {
+            assert!(v.contains_key(key), "{key}");
+        }
+        assert_eq!(v["body"], "tick");
+        assert_eq!(v["delay"], 1, "delay in seconds");
+        assert_eq!(v["callback"], "https://example.com/callback");
+        assert!(v.contains_key("callbackHeader") && !v.contains_key("callbackHeaders"));
+        assert_eq!(v["queueName"], "q");
+        assert_eq!(v["flowControlKey"], "k");
+        assert_eq!(v["isPaused"], false);
+        assert!(!v.contains_key("lastScheduleTime"), "never fired");
+        // The next full minute after 10:00:30.
+        assert_eq!(v["nextScheduleTime"], now + 30_000);
+
+        let fired = ScheduleFire {
+            v: 1,
+            schedule_id: s.schedule_id.clone(),
+            scheduled_at: now + 30_000,
+            fired_at: now + 30_010,
+            message_ids: vec![],
+            error: Some("no such URL group".into()),
+        };
+        let v = schedule(&s, Some(&fired), now + 30_010);
+        assert_eq!(v["lastScheduleTime"], now + 30_000);
+        assert_eq!(v["error"], "no such URL group");
+        assert_eq!(v["nextScheduleTime"], now + 90_000);
     }
 }

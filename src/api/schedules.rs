@@ -13,27 +13,24 @@ use axum::extract::{Path, Request, State};
 use axum::http::HeaderMap;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::engine::general_purpose::STANDARD;
-use base64::Engine;
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::messages::query_store;
 use super::publish::{caller_ip, read_body};
+use super::render::schedule as schedule_json;
 use super::AppState;
 use crate::model::destination::{self, Destination};
 use crate::model::event::State as EventState;
 use crate::model::headers::{self, SCHEDULE_ONLY};
 use crate::model::queue::validate_name;
 use crate::model::schedule::{
-    validate_id, CronSpec, MessageSpec, ScheduleFire, ScheduleRecord, SCHEDULE_ID_PREFIX,
-    SCHEDULE_VERSION,
+    validate_id, CronSpec, ScheduleFire, ScheduleRecord, SCHEDULE_ID_PREFIX, SCHEDULE_VERSION,
 };
 use crate::model::{ids, now_ms};
 
 /// Path prefix in front of a schedule's raw destination.
 pub const SCHEDULES_PREFIX: &str = "/v2/schedules/";
-const MILLIS_PER_SECOND: u64 = 1000;
 /// Headers a schedule does not take: a schedule has no single due time and is not deduplicated.
 const NOT_ON_SCHEDULES: [&str; 3] = [
     "upstash-not-before",
@@ -141,22 +138,7 @@ async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiErr
     let delay_ms = options
         .not_before
         .map(|nb| u64::try_from(nb.saturating_sub(now)).unwrap_or_default());
-    let message = MessageSpec {
-        method: options.method,
-        header: options.forward,
-        body,
-        max_retries: options.max_retries,
-        retry_delay_expression: options.retry_delay,
-        timeout_ms: options
-            .timeout
-            .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        delay_ms,
-        labels: options.labels,
-        callback: options.callback,
-        failure_callback: options.failure_callback,
-        flow_control: options.flow_control,
-        caller_ip,
-    };
+    let message = options.into_spec(body, caller_ip, delay_ms);
     let existing = state.views().schedules.get(&id);
     let record = ScheduleRecord {
         v: SCHEDULE_VERSION,
@@ -209,69 +191,7 @@ async fn last_states(state: &AppState, fire: Option<&ScheduleFire>) -> Result<Va
 /// method, retries).
 async fn render(state: &AppState, s: &ScheduleRecord) -> Result<Value, ApiError> {
     let fire = state.views().schedule_fires.get(&s.schedule_id);
-    let m = &s.message;
-    let mut o = Map::new();
-    o.insert("scheduleId".into(), json!(s.schedule_id));
-    o.insert("cron".into(), json!(s.cron));
-    o.insert("destination".into(), json!(s.destination));
-    o.insert("method".into(), json!(m.method));
-    o.insert("header".into(), json!(m.header));
-    match std::str::from_utf8(&m.body) {
-        Ok(text) => o.insert("body".into(), json!(text)),
-        Err(_) => o.insert("bodyBase64".into(), json!(STANDARD.encode(&m.body))),
-    };
-    o.insert("retries".into(), json!(m.max_retries));
-    o.insert("createdAt".into(), json!(s.created_at));
-    o.insert("isPaused".into(), json!(s.paused));
-    if let Some(d) = m.delay_ms {
-        o.insert("delay".into(), json!(d / MILLIS_PER_SECOND));
-    }
-    if let Some(t) = m.timeout_ms {
-        o.insert("timeout".into(), json!(t));
-    }
-    if let Some(e) = &m.retry_delay_expression {
-        o.insert("retryDelayExpression".into(), json!(e));
-    }
-    if let Some(cb) = &m.callback {
-        o.insert("callback".into(), json!(cb.url));
-        o.insert("callbackHeader".into(), json!(cb.header));
-    }
-    if let Some(cb) = &m.failure_callback {
-        o.insert("failureCallback".into(), json!(cb.url));
-        o.insert("failureCallbackHeader".into(), json!(cb.header));
-    }
-    if let Some(q) = &s.queue_name {
-        o.insert("queueName".into(), json!(q));
-    }
-    if let Some(ip) = &m.caller_ip {
-        o.insert("callerIP".into(), json!(ip));
-        o.insert("callerIp".into(), json!(ip));
-    }
-    if let Some(fc) = &m.flow_control {
-        o.insert("flowControlKey".into(), json!(fc.key));
-        if let Some(p) = fc.parallelism {
-            o.insert("parallelism".into(), json!(p));
-        }
-        if let Some(r) = fc.rate {
-            o.insert("rate".into(), json!(r));
-        }
-        o.insert("period".into(), json!(fc.period_ms / MILLIS_PER_SECOND));
-    }
-    if let Some(first) = m.labels.first() {
-        o.insert("label".into(), json!(first));
-        o.insert("labels".into(), json!(m.labels));
-    }
-    if let Some(f) = &fire {
-        o.insert("lastScheduleTime".into(), json!(f.scheduled_at));
-        if let Some(e) = &f.error {
-            o.insert("error".into(), json!(e));
-        }
-    }
-    if let Ok(cron) = CronSpec::parse(&s.cron) {
-        if let Some(next) = s.next_fire(&cron, fire.as_ref().map(|f| f.scheduled_at)) {
-            o.insert("nextScheduleTime".into(), json!(next.max(now_ms())));
-        }
-    }
+    let mut o = schedule_json(s, fire.as_ref(), now_ms());
     o.insert(
         "lastScheduleStates".into(),
         last_states(state, fire.as_ref()).await?,

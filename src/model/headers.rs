@@ -28,6 +28,7 @@ use super::destination::validate_url;
 use super::envelope::HeaderMap as JsonHeaderMap;
 use super::flow::{FlowControl, FlowLimits};
 use super::retry::RetryDelayExpr;
+use super::schedule::MessageSpec;
 
 /// Prefix of headers forwarded to the destination with the prefix removed.
 pub const FORWARD_PREFIX: &str = "upstash-forward-";
@@ -93,6 +94,32 @@ pub struct PublishOptions {
     pub failure_callback: Option<Callback>,
     /// `Upstash-Flow-Control-Key` with `-Value`.
     pub flow_control: Option<FlowControl>,
+}
+
+impl PublishOptions {
+    /// The message these options describe, carrying `body`, due `delay_ms` after its creation.
+    /// (`dedup` and `not_before` belong to the publish, not the message; take them first.)
+    pub fn into_spec(
+        self,
+        body: Vec<u8>,
+        caller_ip: Option<String>,
+        delay_ms: Option<u64>,
+    ) -> MessageSpec {
+        MessageSpec {
+            method: self.method,
+            header: self.forward,
+            body,
+            max_retries: self.max_retries,
+            retry_delay_expression: self.retry_delay,
+            timeout_ms: self.timeout.map(duration_ms),
+            delay_ms,
+            labels: self.labels,
+            callback: self.callback,
+            failure_callback: self.failure_callback,
+            flow_control: self.flow_control,
+            caller_ip,
+        }
+    }
 }
 
 /// One of the two callback header families.

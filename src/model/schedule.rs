@@ -256,13 +256,50 @@ impl ScheduleRecord {
     }
 }
 
+/// 2026-11-30T10:00:30Z, when [`sample`] was created.
+#[cfg(test)]
+pub(crate) const SAMPLE_CREATED_AT: i64 = 1_796_032_830_000;
+
+/// A schedule with every option set, every minute.
+#[cfg(test)]
+pub(crate) fn sample() -> ScheduleRecord {
+    ScheduleRecord {
+        v: SCHEDULE_VERSION,
+        schedule_id: "scd_1".into(),
+        cron: "* * * * *".into(),
+        destination: "https://example.com/cron".into(),
+        queue_name: Some("q".into()),
+        message: MessageSpec {
+            method: "POST".into(),
+            header: HeaderMap::from([("Content-Type".into(), vec!["text/plain".into()])]),
+            body: b"tick".to_vec(),
+            max_retries: 3,
+            retry_delay_expression: Some("1000".into()),
+            timeout_ms: Some(5000),
+            delay_ms: Some(1000),
+            labels: vec!["l".into()],
+            callback: Some(crate::model::callback::sample()),
+            failure_callback: None,
+            flow_control: Some(FlowControl {
+                key: "k".into(),
+                parallelism: Some(1),
+                rate: None,
+                period_ms: 1000,
+            }),
+            caller_ip: Some("127.0.0.1".into()),
+        },
+        paused: false,
+        created_at: SAMPLE_CREATED_AT,
+        updated_at: SAMPLE_CREATED_AT,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const MINUTE: i64 = 60_000;
-    // 2026-11-30T10:00:30Z
-    const T: i64 = 1_796_032_830_000;
+    const T: i64 = SAMPLE_CREATED_AT;
 
     #[test]
     fn cron_times_in_utc_and_in_a_zone() {
@@ -306,38 +343,6 @@ mod tests {
         validate_id("daily-report_1.v2").unwrap();
         assert!(validate_id("no spaces").is_err());
         assert!(validate_id("").is_err());
-    }
-
-    fn sample() -> ScheduleRecord {
-        ScheduleRecord {
-            v: SCHEDULE_VERSION,
-            schedule_id: "scd_1".into(),
-            cron: "* * * * *".into(),
-            destination: "https://example.com/cron".into(),
-            queue_name: Some("q".into()),
-            message: MessageSpec {
-                method: "POST".into(),
-                header: HeaderMap::from([("Content-Type".into(), vec!["text/plain".into()])]),
-                body: b"tick".to_vec(),
-                max_retries: 3,
-                retry_delay_expression: Some("1000".into()),
-                timeout_ms: Some(5000),
-                delay_ms: Some(1000),
-                labels: vec!["l".into()],
-                callback: Some(crate::model::callback::sample()),
-                failure_callback: None,
-                flow_control: Some(FlowControl {
-                    key: "k".into(),
-                    parallelism: Some(1),
-                    rate: None,
-                    period_ms: 1000,
-                }),
-                caller_ip: Some("127.0.0.1".into()),
-            },
-            paused: false,
-            created_at: T,
-            updated_at: T,
-        }
     }
 
     #[test]

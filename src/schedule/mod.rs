@@ -13,9 +13,9 @@
 //! that takes partition `p` over, once it sees a schedule there, first initialises that producer,
 //! which fences the previous owner (its commits fail from then on) and aborts any transaction it
 //! left open; it then writes a barrier record into both partitions and reads them up to it before
-//! it fires anything. (A partition without schedules costs no producer.) So it sees every fire the previous owner
-//! committed, and no fire can be committed twice: a takeover neither fires a time twice nor skips
-//! it. A time missed while nobody owned the schedule fires once, for the latest missed time, not
+//! it fires anything. (A partition without schedules costs no producer.) So it sees every fire
+//! the previous owner committed, and no fire can be committed twice: a takeover neither fires a
+//! time twice nor skips it. A time missed while nobody owned the schedule fires once, for the latest missed time, not
 //! once per missed time.
 //!
 //! Timeliness: the owner looks at its schedules every [`TICK`], so a fire leaves within that of
@@ -421,7 +421,7 @@ impl Scheduler {
             .as_ref()
             .expect("a partition is ready only once it has its producer");
         producer.write(&records).await?;
-        tracing::info!(
+        tracing::debug!(
             schedule_id = %schedule.schedule_id,
             scheduled_at = at,
             late_ms = now - at,

@@ -191,32 +191,6 @@ impl StateRecord for DedupRecord {
     }
 }
 
-impl StateRecord for QueueRecord {
-    const KIND: Kind = Kind::Queues;
-    fn change(self, _: i32, _: i64) -> Change {
-        Change::Queue {
-            name: self.name.clone(),
-            record: Some(self),
-        }
-    }
-    fn removal(name: String) -> Option<Change> {
-        Some(Change::Queue { name, record: None })
-    }
-}
-
-impl StateRecord for FlowControlRecord {
-    const KIND: Kind = Kind::FlowControl;
-    fn change(self, _: i32, _: i64) -> Change {
-        Change::FlowControl {
-            key: self.key.clone(),
-            record: Some(self),
-        }
-    }
-    fn removal(key: String) -> Option<Change> {
-        Some(Change::FlowControl { key, record: None })
-    }
-}
-
 /// A record of a compacted settings topic: its key and the change it (or its tombstone) is.
 macro_rules! setting_record {
     ($ty:ty, $kind:expr, $variant:ident, $name:ident, $updated:ident) => {
@@ -244,6 +218,14 @@ macro_rules! setting_record {
     };
 }
 
+setting_record!(QueueRecord, Kind::Queues, Queue, name, updated_at);
+setting_record!(
+    FlowControlRecord,
+    Kind::FlowControl,
+    FlowControl,
+    key,
+    updated_at
+);
 setting_record!(UrlGroupRecord, Kind::UrlGroups, UrlGroup, name, updated_at);
 setting_record!(
     ScheduleRecord,
@@ -259,24 +241,6 @@ setting_record!(
     schedule_id,
     fired_at
 );
-
-impl Setting for QueueRecord {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn updated_at(&self) -> i64 {
-        self.updated_at
-    }
-}
-
-impl Setting for FlowControlRecord {
-    fn name(&self) -> &str {
-        &self.key
-    }
-    fn updated_at(&self) -> i64 {
-        self.updated_at
-    }
-}
 
 /// One change read from (or written to) a state-bearing topic.
 #[derive(Debug, Clone)]
@@ -303,12 +267,12 @@ pub enum Change {
     /// A queue's settings, or its deletion.
     Queue {
         name: String,
-        record: Option<QueueRecord>,
+        record: Option<Box<QueueRecord>>,
     },
     /// A flow-control key's settings, or their removal.
     FlowControl {
-        key: String,
-        record: Option<FlowControlRecord>,
+        name: String,
+        record: Option<Box<FlowControlRecord>>,
     },
     /// A URL group, or its deletion.
     UrlGroup {
@@ -360,11 +324,11 @@ impl Views {
         for change in changes {
             match change {
                 Change::Queue { name, record } => {
-                    self.queues.apply(name, record.clone());
+                    self.queues.apply(name, record.as_deref().cloned());
                     settings_changed = true;
                 }
-                Change::FlowControl { key, record } => {
-                    self.flow.apply(key, record.clone());
+                Change::FlowControl { name, record } => {
+                    self.flow.apply(name, record.as_deref().cloned());
                     settings_changed = true;
                 }
                 Change::UrlGroup { name, record } => {

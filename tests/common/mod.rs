@@ -547,6 +547,15 @@ impl Api {
         (status, json)
     }
 
+    /// The `/v2/logs` entries matching `query` (first page).
+    pub async fn logs(&self, query: &[(&str, &str)]) -> Vec<serde_json::Value> {
+        let (status, logs) = self
+            .send(reqwest::Method::GET, "/v2/logs", query, &[], None)
+            .await;
+        assert_eq!(status, 200, "{logs}");
+        logs["logs"].as_array().cloned().unwrap_or_default()
+    }
+
     /// Enqueues `body` to `queue` for `destination` with extra headers; insists on success;
     /// returns the message id.
     pub async fn enqueue(
