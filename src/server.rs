@@ -138,6 +138,8 @@ pub async fn start(
     );
     let signer = Signer::new(&config.signing.current_key, &config.signing.next_key);
     let shutdown = CancellationToken::new();
+    // A start that fails or is abandoned half-way (its future dropped) stops what it started.
+    let abandoned = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
     let store = Arc::new(Store::create(
@@ -266,6 +268,7 @@ pub async fn start(
         ));
     }
     tracing::info!(%addr, brokers = %config.kafka.brokers, "kstash started");
+    abandoned.disarm();
     Ok(Running {
         addr,
         shutdown,

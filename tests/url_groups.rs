@@ -217,3 +217,81 @@ async fn the_group_api_adds_removes_lists_gets_and_deletes() {
     }
     kstash.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bulk_cancel_by_topic_name_cancels_the_group_messages_only() {
+    let kafka = TestKafka::new();
+    let kstash = kafka.start(kafka.config()).await;
+    let api = Api::new(kstash.addr());
+    add_endpoints(
+        &api,
+        "later",
+        json!([{"url": "https://a.example.com/x"}, {"url": "https://b.example.com/y"}]),
+    )
+    .await;
+    let (status, fanned) = api.publish("later", "x", &[("Upstash-Delay", "1h")]).await;
+    assert_eq!(status, 200, "{fanned}");
+    let (status, single) = api
+        .publish("https://c.example.com/z", "y", &[("Upstash-Delay", "1h")])
+        .await;
+    assert_eq!(status, 200, "{single}");
+
+    let (status, answer) = api
+        .send(
+            Method::DELETE,
+            "/v2/messages",
+            &[("topicName", "later")],
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!((status, &answer), (202, &json!({"cancelled": 2})));
+    // The message outside the group is still pending.
+    let path = format!("/v2/messages/{}", single["messageId"].as_str().unwrap());
+    let (status, message) = api.call(Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{message}");
+    let cancelled = common::eventually("CANCEL_REQUESTED entries of the group", || async {
+        let entries = api
+            .logs(&[("topicName", "later"), ("state", "CANCEL_REQUESTED")])
+            .await;
+        (entries.len() == 2).then_some(entries)
+    })
+    .await;
+    let mut ids: Vec<_> = cancelled.iter().map(|e| e["messageId"].clone()).collect();
+    let mut expected: Vec<_> = fanned
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["messageId"].clone())
+        .collect();
+    ids.sort_by_key(|v| v.to_string());
+    expected.sort_by_key(|v| v.to_string());
+    assert_eq!(ids, expected);
+    kstash.stop().await;
+}
+
+/// A group publish is a transaction, so the events partitions end with a transaction marker that
+/// no record carries: a process started afterwards must still see its state as caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_process_started_after_a_group_publish_catches_up_and_serves() {
+    let kafka = TestKafka::new();
+    let config = kafka.config();
+    let first = kafka.start(config.clone()).await;
+    let api = Api::new(first.addr());
+    add_endpoints(&api, "tx", json!([{"url": "https://a.example.com/x"}])).await;
+    let (status, fanned) = api.publish("tx", "x", &[("Upstash-Delay", "1h")]).await;
+    assert_eq!(status, 200, "{fanned}");
+    first.stop().await;
+
+    let second = tokio::time::timeout(common::WAIT, kafka.start(config))
+        .await
+        .expect("a process started after a transaction catches up");
+    let api = Api::new(second.addr());
+    let id = fanned[0]["messageId"].as_str().unwrap();
+    let (status, message) = api
+        .call(Method::GET, &format!("/v2/messages/{id}"), None)
+        .await;
+    assert_eq!(status, 200, "{message}");
+    assert_eq!(message["topicName"], "tx");
+    second.stop().await;
+}

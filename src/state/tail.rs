@@ -4,8 +4,8 @@
 //! (no consumer group: every process needs everything). Records are applied in batches, one store
 //! transaction each; a batch the store could not take is applied again (after a pause) rather
 //! than dropped, so a view never silently misses a cancel. At start-up the tailer notes each
-//! partition's end offset; it is *caught up* once it has applied everything before those offsets,
-//! and the API serves only after that. It runs on a blocking thread until shutdown.
+//! partition's end offset; it is *caught up* once it has applied everything before those offsets
+//! (its read position has reached them), and the API serves only after that. It runs on a blocking thread until shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -144,6 +144,7 @@ fn run(
             }
         }
         if !*caught_up.borrow() {
+            drop_reached(&consumer, &mut remaining);
             if remaining.is_empty() {
                 tracing::info!(
                     records = applied,
@@ -160,5 +161,28 @@ fn run(
                 );
             }
         }
+    }
+}
+
+/// Drops from `remaining` the partitions whose read position has reached the end offset noted at
+/// start-up. A record's offset alone cannot tell: when a partition ends with a transaction marker
+/// (URL-group publishes and schedule fires are transactions) no record carries the last offset,
+/// but the position moves past the marker.
+fn drop_reached(consumer: &BaseConsumer, remaining: &mut HashMap<(String, i32), i64>) {
+    if remaining.is_empty() {
+        return;
+    }
+    match consumer.position() {
+        Ok(positions) => {
+            for e in positions.elements() {
+                if let Offset::Offset(position) = e.offset() {
+                    let tp = (e.topic().to_string(), e.partition());
+                    if remaining.get(&tp).is_some_and(|high| position >= *high) {
+                        remaining.remove(&tp);
+                    }
+                }
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "read positions unavailable; waiting for records"),
     }
 }
