@@ -1065,26 +1065,14 @@ async fn fc_rate_run(a: &OrderArgs, kstash: &Kstash, clock: Instant) -> Result<S
         "flow-control rate: {n} messages at once, key bench-rate, {value}"
     ));
     let cpu = CpuMeter::start(kstash)?;
-    let header = value.clone();
     let run = publisher
-        .publish(PublishJob {
-            label: "flow-control rate",
-            first_id: 0,
-            count: n,
-            delay: Arc::new(|_| None),
-            body_bytes: a.body_bytes,
-            concurrency: a.concurrency,
-            rate: None,
-            route: Some(Arc::new(move |_| Route {
-                api: "/v2/publish".into(),
-                headers: vec![
-                    ("Upstash-Flow-Control-Key", "bench-rate".into()),
-                    ("Upstash-Flow-Control-Value", header.clone()),
-                ],
-                tag: String::new(),
-            })),
-            streams: None,
-        })
+        .publish(flow_controlled_job(
+            "flow-control rate",
+            n,
+            a,
+            "bench-rate",
+            &value,
+        ))
         .await?;
     let period_s = a.fc_period.as_secs_f64();
     let limit_per_s = f64::from(a.fc_rate) / period_s;
@@ -1167,26 +1155,14 @@ async fn fc_parallelism_run(a: &OrderArgs, kstash: &Kstash, clock: Instant) -> R
         a.fc_hold.as_millis()
     ));
     let cpu = CpuMeter::start(kstash)?;
-    let header = value.clone();
     let run = publisher
-        .publish(PublishJob {
-            label: "flow-control parallelism",
-            first_id: 0,
-            count: n,
-            delay: Arc::new(|_| None),
-            body_bytes: a.body_bytes,
-            concurrency: a.concurrency,
-            rate: None,
-            route: Some(Arc::new(move |_| Route {
-                api: "/v2/publish".into(),
-                headers: vec![
-                    ("Upstash-Flow-Control-Key", "bench-parallel".into()),
-                    ("Upstash-Flow-Control-Value", header.clone()),
-                ],
-                tag: String::new(),
-            })),
-            streams: None,
-        })
+        .publish(flow_controlled_job(
+            "flow-control parallelism",
+            n,
+            a,
+            "bench-parallel",
+            &value,
+        ))
         .await?;
     let ceiling = f64::from(a.fc_parallelism) / a.fc_hold.as_secs_f64().max(1e-3);
     let needs = Duration::from_secs_f64(run.ok_count() as f64 / ceiling);
@@ -1669,6 +1645,35 @@ struct Publisher {
     destination: String,
     token: &'static str,
     clock: Instant,
+}
+
+/// `n` messages published at once to `/v2/publish` with flow-control key `key` and value `value`.
+fn flow_controlled_job(
+    label: &'static str,
+    n: usize,
+    a: &OrderArgs,
+    key: &'static str,
+    value: &str,
+) -> PublishJob {
+    let value = value.to_string();
+    PublishJob {
+        label,
+        first_id: 0,
+        count: n,
+        delay: Arc::new(|_| None),
+        body_bytes: a.body_bytes,
+        concurrency: a.concurrency,
+        rate: None,
+        route: Some(Arc::new(move |_| Route {
+            api: "/v2/publish".into(),
+            headers: vec![
+                ("Upstash-Flow-Control-Key", key.into()),
+                ("Upstash-Flow-Control-Value", value.clone()),
+            ],
+            tag: String::new(),
+        })),
+        streams: None,
+    }
 }
 
 struct PublishJob {
