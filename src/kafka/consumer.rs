@@ -42,6 +42,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -217,6 +218,15 @@ pub struct TrackingContext {
 impl ClientContext for TrackingContext {}
 
 impl ConsumerContext for TrackingContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        super::group::rebalance(self, consumer, err, tpl);
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
@@ -391,7 +401,7 @@ impl ParallelConsumer {
         let consumer = self.consumer.clone();
         let books = self.books.clone();
         let _ = tokio::task::spawn_blocking(move || commit_due(&consumer, &books)).await;
-        self.consumer.unsubscribe();
+        super::group::leave(self.consumer).await;
         tracing::info!("consumer stopped");
     }
 

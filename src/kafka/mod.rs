@@ -8,6 +8,7 @@
 pub mod commit_metadata;
 pub mod consumer;
 pub mod embedded;
+pub mod group;
 pub mod lanes;
 pub mod offsets;
 pub mod producer;
@@ -33,7 +34,7 @@ pub enum Role {
 
 /// librdkafka keys kstash sets from typed options or for correctness, with the typed key (or
 /// reason) to name in the error.
-const OWNED_KEYS: [(&str, &str); 15] = [
+const OWNED_KEYS: [(&str, &str); 16] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("metadata.broker.list", "kafka.brokers"),
     ("client.id", "kafka.client_id"),
@@ -55,6 +56,10 @@ const OWNED_KEYS: [(&str, &str); 15] = [
         "kstash gives each transactional writer its own identity",
     ),
     ("transaction.timeout.ms", "kafka.transaction_timeout"),
+    (
+        "partition.assignment.strategy",
+        "kstash's consumers rely on eager assignment",
+    ),
 ];
 
 /// Heartbeats per session timeout; librdkafka wants the interval well below the timeout.
@@ -164,6 +169,8 @@ mod tests {
             "enable.auto.commit",
             "bootstrap.servers",
             "group.id",
+            // A cooperative assignor would break the eager rebalance handling (kafka/group.rs).
+            "partition.assignment.strategy",
         ] {
             let mut k = Config::defaults(Mode::Serve).kafka;
             k.librdkafka.insert(key.into(), "x".into());

@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
@@ -85,6 +86,15 @@ struct AssignmentContext {
 impl ClientContext for AssignmentContext {}
 
 impl ConsumerContext for AssignmentContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        crate::kafka::group::rebalance(self, consumer, err, tpl);
+    }
+
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         match rebalance {
@@ -188,7 +198,7 @@ impl Scheduler {
                 }
             }
         }
-        consumer.unsubscribe();
+        crate::kafka::group::leave(consumer).await;
         tracing::info!("scheduler stopped");
         Ok(())
     }

@@ -1,0 +1,76 @@
+//! Consumer-group membership: applying a rebalance without asking librdkafka which protocol is in
+//! use, and leaving the group without stalling a stop.
+//!
+//! rust-rdkafka's default `ConsumerContext::rebalance` calls `rd_kafka_rebalance_protocol()` to
+//! choose between (incremental) assign and unassign. That call waits, with no timeout, for the
+//! group thread to answer, and when the rebalance is the final revoke of a consumer being closed
+//! the answer may never come (librdkafka issue 4041): the consumer's drop then blocks its thread
+//! for ever, and a stop hangs. kstash's consumers use eager assignors only (the assignment
+//! strategy is a key the raw pass-through may not set), so the answer is known in advance: an
+//! assignment is applied with `assign`, a revocation with `unassign`. Both contexts (delivery and
+//! delay consumers, scheduler) route their rebalances through [`rebalance`].
+//!
+//! The consumers leave their group by being dropped (librdkafka's close: the final revocation, a
+//! commit, LeaveGroup), not by an `unsubscribe` first: an unsubscribe whose revocation is still
+//! pending when the close starts is what made the close hang on the embedded cluster. The drop
+//! runs through [`leave`], on a thread of its own and bounded, so that a close that hangs anyway
+//! cannot stall the runtime or a stop.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::TopicPartitionList;
+
+/// Runs `context.pre_rebalance` and then applies the rebalance the eager way.
+pub fn rebalance<C: ConsumerContext>(
+    context: &C,
+    consumer: &BaseConsumer<C>,
+    err: RDKafkaRespErr,
+    tpl: &TopicPartitionList,
+) {
+    let rebalance = match err {
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+        other => Rebalance::Error(KafkaError::Rebalance(RDKafkaErrorCode::from(other))),
+    };
+    context.pre_rebalance(consumer, &rebalance);
+    let applied = match rebalance {
+        Rebalance::Assign(tpl) => consumer.assign(tpl),
+        // A revocation, or an error the group cannot recover from in place: drop everything
+        // assigned (the group hands it out again), as librdkafka's own default does.
+        Rebalance::Revoke(_) | Rebalance::Error(_) => consumer.unassign(),
+    };
+    if let Err(e) = applied {
+        tracing::warn!(error = %e, "applying a rebalance failed");
+    }
+}
+
+/// How long a stop waits for a consumer to leave its group.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Drops `consumer` (closing it, which leaves the group) on a thread of its own and waits up to
+/// [`CLOSE_TIMEOUT`]. Finished offsets are committed before this is called, so a close that does
+/// not finish costs nothing but the group noticing the member gone at its session timeout; the
+/// thread is then left behind rather than blocking the runtime (whose shutdown would wait for a
+/// blocking-pool thread for ever).
+pub async fn leave<T: Send + 'static>(consumer: T) {
+    let (done, closed) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("kstash-consumer-close".into())
+        .spawn(move || {
+            drop(consumer);
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the consumer-close thread; the group will notice at the session timeout");
+        return;
+    }
+    if tokio::time::timeout(CLOSE_TIMEOUT, closed).await.is_err() {
+        tracing::warn!(
+            timeout = ?CLOSE_TIMEOUT,
+            "leaving the consumer group did not finish; the group will notice at the session timeout"
+        );
+    }
+}
