@@ -129,6 +129,23 @@ pub struct DeliveryConfig {
     pub max_retries: u32,
     pub user_agent: String,
     pub allowed_networks: Vec<IpNet>,
+    /// `http://` or `https://` proxy URL for deliveries; empty for none.
+    pub proxy: String,
+}
+
+impl DeliveryConfig {
+    /// The configured delivery proxy (validated by [`Config::validate`]).
+    pub fn proxy_url(&self) -> Result<Option<url::Url>, String> {
+        if self.proxy.is_empty() {
+            return Ok(None);
+        }
+        let url = url::Url::parse(&self.proxy)
+            .map_err(|e| format!("delivery.proxy is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err("delivery.proxy must be an http:// or https:// URL with a host".into());
+        }
+        Ok(Some(url))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -222,9 +239,14 @@ impl Config {
     /// fix, rather than surfacing later as a panic, a hang or a silent misbehaviour.
     pub fn validate(&self, mode: Mode) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if self.auth.tokens.iter().all(|t| t.is_empty()) {
+        if self.auth.tokens.iter().all(|t| t.trim().is_empty()) {
             return invalid(
                 "auth.tokens is empty: set at least one token (KSTASH_AUTH_TOKENS)".into(),
+            );
+        }
+        if self.auth.tokens.iter().any(|t| t.trim().is_empty()) {
+            return invalid(
+                "auth.tokens has an empty token: an empty token would let any request with 'Authorization: Bearer ' in; remove it".into(),
             );
         }
         for (name, key) in [
@@ -315,6 +337,7 @@ impl Config {
         if self.dev.partitions < 1 {
             return invalid("dev.partitions must be at least 1".into());
         }
+        self.delivery.proxy_url().map_err(ConfigError::Invalid)?;
         let (schedules, fires) = (
             self.topic("schedules").partitions,
             self.topic("schedule_fires").partitions,
@@ -572,6 +595,9 @@ mod tests {
                 "0",
                 "queues.max_parallelism",
             ),
+            ("KSTASH_AUTH_TOKENS", "[\"good\", \" \"]", "empty token"),
+            ("KSTASH_DELIVERY_PROXY", "socks5://p:1080", "delivery.proxy"),
+            ("KSTASH_DELIVERY_PROXY", "not a url", "delivery.proxy"),
         ] {
             figment::Jail::expect_with(|jail| {
                 jail.set_env(var, value);

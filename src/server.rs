@@ -51,6 +51,8 @@ pub enum StartError {
     Http(#[from] reqwest::Error),
     #[error(transparent)]
     State(#[from] crate::state::store::StoreError),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// A started kstash process.
@@ -175,6 +177,11 @@ pub async fn start(
             default: config.delivery.timeout,
             max: config.delivery.max_timeout,
         },
+        config
+            .delivery
+            .proxy_url()
+            .map_err(StartError::Config)?
+            .as_ref(),
     )?;
     let consumer = ParallelConsumer::new(
         &kafka::client_config(&config.kafka, Role::Consumer).map_err(SetupError::from)?,

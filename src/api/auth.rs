@@ -26,9 +26,11 @@ impl Tokens {
 
     /// Whether `candidate` is one of the tokens; every token is compared, in constant time.
     pub fn accepts(&self, candidate: &str) -> bool {
-        self.0.iter().fold(false, |found, token| {
-            found | bool::from(token.as_bytes().ct_eq(candidate.as_bytes()))
-        })
+        // Start-up refuses empty tokens; an empty candidate is refused here as well.
+        !candidate.is_empty()
+            && self.0.iter().fold(false, |found, token| {
+                found | bool::from(token.as_bytes().ct_eq(candidate.as_bytes()))
+            })
     }
 }
 
@@ -68,5 +70,6 @@ mod tests {
         assert!(!t.accepts("alphaa"));
         assert!(!t.accepts(""));
         assert!(!Tokens::new(vec![]).accepts(""));
+        assert!(!Tokens::new(vec!["alpha".into(), String::new()]).accepts(""));
     }
 }

@@ -4,7 +4,10 @@
 //!
 //! Redirects are not followed: a 3xx is a failed attempt like any other non-2xx status (QStash
 //! documents no redirect handling, and following them would let a destination steer deliveries
-//! past the address guard).
+//! past the address guard). Proxies come only from `delivery.proxy`, never from the environment
+//! (`HTTP(S)_PROXY`, `ALL_PROXY`): a proxy resolves and connects on its own, so through one the
+//! destination is checked by [`check_host`] before each attempt. Forwarded headers that would
+//! change where or how the request goes (`Host`, hop-by-hop and framing headers) are not sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +15,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{Method, Request, Url};
 
-use super::guard::{DestinationPolicy, GuardedResolver};
+use super::guard::{check_host, DestinationPolicy, GuardedResolver};
 use crate::model::destination::validate_url;
 use crate::model::envelope::{Envelope, HeaderMap as JsonHeaderMap};
 use crate::signing::Signer;
@@ -21,6 +24,23 @@ use crate::signing::Signer;
 pub const RESPONSE_BODY_LIMIT: usize = 64 * 1024;
 /// Connect timeout of deliveries.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Forwarded headers never sent: `Host` would send the request to another virtual host than the
+/// checked destination (`Upstash-Forward-Host`); the others are per-connection or framing headers
+/// that the client sets itself.
+const NOT_FORWARDED: [&str; 10] = [
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+/// Framing header the client computes from the body.
+const CONTENT_LENGTH: &str = "content-length";
 
 /// What a destination answered (body truncated to [`RESPONSE_BODY_LIMIT`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +68,8 @@ pub struct HttpDelivery {
     policy: Arc<DestinationPolicy>,
     signer: Signer,
     timeouts: Timeouts,
+    /// Whether deliveries go through the configured proxy.
+    proxied: bool,
 }
 
 /// Per-attempt timeouts: `default` without `Upstash-Timeout`; `max` caps any `Upstash-Timeout`.
@@ -58,24 +80,31 @@ pub struct Timeouts {
 }
 
 impl HttpDelivery {
+    /// The delivery client; `proxy` (an `http://` or `https://` URL) is the only proxy it uses.
     pub fn new(
         signer: Signer,
         policy: DestinationPolicy,
         user_agent: &str,
         timeouts: Timeouts,
+        proxy: Option<&Url>,
     ) -> Result<Self, reqwest::Error> {
         let policy = Arc::new(policy);
-        let client = reqwest::Client::builder()
+        let trusted = proxy.and_then(|p| p.host_str()).map(str::to_string);
+        let mut builder = reqwest::Client::builder()
             .user_agent(user_agent)
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(CONNECT_TIMEOUT)
-            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone())))
-            .build()?;
+            .dns_resolver(Arc::new(GuardedResolver::new(policy.clone(), trusted)))
+            .no_proxy();
+        if let Some(proxy) = proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy.clone())?);
+        }
         Ok(HttpDelivery {
-            client,
+            client: builder.build()?,
             policy,
             signer,
             timeouts,
+            proxied: proxy.is_some(),
         })
     }
 
@@ -89,6 +118,10 @@ impl HttpDelivery {
         for (name, values) in &envelope.header {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("invalid header name {name:?}"))?;
+            if NOT_FORWARDED.contains(&name.as_str()) || name.as_str() == CONTENT_LENGTH {
+                tracing::debug!(message_id = %envelope.message_id, header = %name, "forwarded header not sent");
+                continue;
+            }
             for v in values {
                 let value = HeaderValue::from_str(v)
                     .map_err(|_| format!("invalid value for header {name}"))?;
@@ -144,6 +177,15 @@ impl HttpDelivery {
 
     /// Sends the request; never fails, every failure is an [`Outcome`].
     pub async fn call(&self, request: Request) -> Outcome {
+        if self.proxied {
+            // IP literals were checked by `prepare`; names are resolved by the proxy, so check
+            // what they resolve to here.
+            if let Some(url::Host::Domain(host)) = request.url().host() {
+                if let Err(refused) = check_host(&self.policy, host).await {
+                    return Outcome::Error(refused);
+                }
+            }
+        }
         let timeout = request.timeout().copied();
         let mut response = match self.client.execute(request).await {
             Ok(r) => r,
@@ -153,7 +195,8 @@ impl HttpDelivery {
                     timeout.unwrap_or(self.timeouts.default)
                 ))
             }
-            Err(e) => return Outcome::Error(error_chain(&e)),
+            // Without the URL: it may carry credentials, and the error text is logged and kept.
+            Err(e) => return Outcome::Error(error_chain(&e.without_url())),
         };
         let status = response.status().as_u16();
         let mut header = JsonHeaderMap::new();
@@ -220,8 +263,36 @@ mod tests {
                 default: Duration::from_secs(30),
                 max: Duration::from_secs(60),
             },
+            None,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn headers_that_change_where_or_how_the_request_goes_are_not_sent() {
+        let mut e = sample();
+        for (name, value) in [
+            ("Host", "internal.example"),
+            ("Connection", "close"),
+            ("Transfer-Encoding", "chunked"),
+            ("Content-Length", "1"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("X-Kept", "yes"),
+        ] {
+            e.header.insert(name.into(), vec![value.into()]);
+        }
+        let req = delivery(vec![]).prepare(&e).unwrap();
+        let h = req.headers();
+        for gone in [
+            "host",
+            "connection",
+            "transfer-encoding",
+            "content-length",
+            "proxy-authorization",
+        ] {
+            assert!(!h.contains_key(gone), "{gone} must not be sent");
+        }
+        assert_eq!(h["x-kept"], "yes");
     }
 
     #[test]
