@@ -65,6 +65,13 @@ pub struct ServerConfig {
     pub batch_limit: usize,
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_uri_bytes: usize,
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -271,6 +278,12 @@ impl Config {
             ("server.body_limit", self.server.body_limit),
             ("server.batch_limit", self.server.batch_limit),
             (
+                "server.max_concurrent_requests",
+                self.server.max_concurrent_requests,
+            ),
+            ("server.max_uri_bytes", self.server.max_uri_bytes),
+            ("server.max_header_bytes", self.server.max_header_bytes),
+            (
                 "kafka.commit_metadata_max_bytes",
                 self.kafka.commit_metadata_max_bytes,
             ),
@@ -295,6 +308,11 @@ impl Config {
             }
         }
         let positive_durations = [
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
+            ("server.body_read_timeout", self.server.body_read_timeout),
             ("kafka.session_timeout", self.kafka.session_timeout),
             ("kafka.produce_timeout", self.kafka.produce_timeout),
             ("kafka.transaction_timeout", self.kafka.transaction_timeout),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod delay;
 pub mod delivery;
 pub mod kafka;
+pub mod listener;
 pub mod model;
 pub mod schedule;
 pub mod server;

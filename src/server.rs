@@ -255,15 +255,12 @@ pub async fn start(
         .map_err(|e| StartError::Bind(config.server.listen, e))?;
     let app = api::router(api_state(&config, producer.clone(), views, in_flight));
     let api_shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        let service = app.into_make_service_with_connect_info::<SocketAddr>();
-        if let Err(e) = axum::serve(listener, service)
-            .with_graceful_shutdown(api_shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "API server failed");
-        }
-    });
+    tasks.spawn(crate::listener::serve(
+        listener,
+        app,
+        config.server.header_read_timeout,
+        api_shutdown,
+    ));
 
     if embedded.is_some() {
         tasks.spawn(truncation_watchdog(
@@ -318,6 +315,7 @@ pub fn api_state(
         dedup_window: config.state.dedup_window,
         tokens: Tokens::new(config.auth.tokens.clone()),
         body_limit: config.server.body_limit,
+        request_limits: crate::api::limits::RequestLimits::new(&config.server),
         batch_limit: config.server.batch_limit,
         limits: limits(config),
         max_queue_parallelism: config.queues.max_parallelism,

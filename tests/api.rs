@@ -15,13 +15,20 @@ use kstash::model::envelope::Envelope;
 use serde_json::Value;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tower::ServiceExt;
 
 const BODY_LIMIT: usize = 1024;
 
 fn app(kafka: &TestKafka) -> Router {
+    app_with(kafka, |_| {})
+}
+
+fn app_with(kafka: &TestKafka, adjust: impl FnOnce(&mut kstash::config::Config)) -> Router {
     let mut config = kafka.config();
     config.server.body_limit = BODY_LIMIT;
+    adjust(&mut config);
     let store = kstash::state::Store::create(None, config.state.cache_bytes).unwrap();
     api::router(kstash::server::api_state(
         &config,
@@ -216,6 +223,14 @@ async fn client_mistakes_are_json_4xx() {
             "limit",
         ),
         (
+            // Small-body resources answer an oversized body in JSON too.
+            post("/v2/queues/")
+                .body(Body::from(vec![b' '; BODY_LIMIT + 1]))
+                .unwrap(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
             post("/v2/nothing-here").body(Body::empty()).unwrap(),
             StatusCode::NOT_FOUND,
             "no route",
@@ -277,4 +292,99 @@ async fn an_accepted_publish_is_already_on_the_ready_topic() {
     assert_eq!(envelope.timeout_ms, Some(5000));
     assert_eq!(envelope.labels, vec!["l1", "l2"]);
     assert_eq!(envelope.retried, 0);
+}
+
+#[tokio::test]
+async fn oversized_heads_and_a_full_house_are_answered_in_json() {
+    let kafka = TestKafka::new();
+    let app = app_with(&kafka, |c| {
+        c.server.max_uri_bytes = 512;
+        c.server.max_header_bytes = 1024;
+        c.server.max_concurrent_requests = 1;
+        c.server.body_read_timeout = Duration::from_secs(1);
+    });
+    let keys = || {
+        Request::get("/v2/keys")
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .body(Body::empty())
+            .unwrap()
+    };
+
+    let long_uri = format!("/v2/messages/msg_{}", "a".repeat(600));
+    let (status, json) = call(&app, Request::get(long_uri).body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::URI_TOO_LONG, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("512"), "{json}");
+
+    let mut big = keys();
+    big.headers_mut()
+        .insert("x-big", "b".repeat(2000).parse().unwrap());
+    let (status, json) = call(&app, big).await;
+    assert_eq!(
+        status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "{json}"
+    );
+
+    // A publish whose body never comes holds the only request slot ...
+    let trickle = post("/v2/publish/https://example.com/x")
+        .body(Body::from_stream(futures::stream::pending::<
+            Result<Vec<u8>, std::io::Error>,
+        >()))
+        .unwrap();
+    let held = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, trickle).await }
+    });
+    // ... so another request is refused with 503 and Retry-After, once the slot is taken.
+    let deadline = Instant::now() + common::WAIT;
+    let refused = loop {
+        assert!(Instant::now() < deadline, "the slot was never taken");
+        let response = app.clone().oneshot(keys()).await.unwrap();
+        if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+            break response;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let bytes = refused.into_body().collect().await.unwrap().to_bytes();
+    let json: Value = serde_json::from_slice(&bytes).expect("a JSON body");
+    assert!(
+        json["error"].as_str().unwrap().contains("too many"),
+        "{json}"
+    );
+
+    // The trickling body misses its deadline: 408, and the slot is free again.
+    let (status, json) = tokio::time::timeout(common::WAIT, held)
+        .await
+        .expect("the body deadline ends the request")
+        .unwrap();
+    assert_eq!(status, StatusCode::REQUEST_TIMEOUT, "{json}");
+    let (status, json) = call(&app, keys()).await;
+    assert_eq!(status, StatusCode::OK, "{json}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_finish_its_request_head_is_disconnected() {
+    let kafka = TestKafka::new();
+    let mut config = kafka.config();
+    config.server.header_read_timeout = Duration::from_secs(1);
+    let kstash = kafka.start(config).await;
+
+    let mut slow = tokio::net::TcpStream::connect(kstash.addr()).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: kstash\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(common::WAIT, slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never finished its head was kept open"
+    );
+
+    // Whole requests are still served.
+    let health = reqwest::get(format!("http://{}/health", kstash.addr()))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    kstash.stop().await;
 }

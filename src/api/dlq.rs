@@ -7,7 +7,7 @@
 //! filters, else everything; an explicitly empty id list touches nothing. They work through at
 //! most `count` entries and return a `cursor` while more remain.
 
-use axum::body::Bytes;
+use super::limits::BoundedBody;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
@@ -129,7 +129,7 @@ async fn delete_one(
 async fn delete_many(
     State(state): State<AppState>,
     uri: Uri,
-    body: Bytes,
+    BoundedBody(body): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
     let count = Query::parse(&uri).count(MAX_BULK, MAX_BULK)?;
     let (targets, cursor) = select(&state, &uri, Some(&body), count).await?;
@@ -166,7 +166,7 @@ async fn retry_many(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    BoundedBody(body): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
     let count = Query::parse(&uri).count(MAX_BULK, MAX_BULK)?;
     let (targets, cursor) = select(&state, &uri, Some(&body), count).await?;

@@ -26,6 +26,15 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     Unavailable(String),
+    #[error("request URI is longer than the limit of {0} bytes")]
+    UriTooLong(usize),
+    #[error("request headers are larger than the limit of {0} bytes")]
+    HeadersTooLarge(usize),
+    #[error("the request body did not arrive in time (server.body_read_timeout)")]
+    RequestTimeout,
+    /// Every request slot of this process is taken; answered with `Retry-After`.
+    #[error("too many requests in progress; retry shortly")]
+    Overloaded,
 }
 
 impl ApiError {
@@ -37,22 +46,39 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 }
 
+/// Seconds an overloaded client is asked to wait (`Retry-After`).
+const OVERLOAD_RETRY_AFTER_SECS: &str = "1";
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        let overloaded = matches!(self, ApiError::Overloaded);
+        if overloaded {
+            // A load condition, not a fault; one line per refused request would flood the log.
+            tracing::debug!("request refused: every request slot is taken");
+        } else if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self, "request failed");
         }
-        (
+        let mut response = (
             status,
             Json(serde_json::json!({ "error": self.to_string() })),
         )
-            .into_response()
+            .into_response();
+        if overloaded {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static(OVERLOAD_RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 

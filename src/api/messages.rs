@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use super::limits::BoundedBody;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::routing::{delete, get};
@@ -90,7 +90,7 @@ async fn cancel_one(
 async fn cancel_many(
     State(state): State<AppState>,
     uri: Uri,
-    body: Bytes,
+    BoundedBody(body): BoundedBody,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let q = Query::parse(&uri);
     let body = IdsBody::parse(&body)?;

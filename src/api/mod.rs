@@ -10,6 +10,7 @@ pub mod error;
 pub mod events;
 pub mod flow_control;
 pub mod keys;
+pub mod limits;
 pub mod messages;
 pub mod publish;
 pub mod query;
@@ -18,6 +19,7 @@ pub mod render;
 pub mod schedules;
 pub mod url_groups;
 
+use axum::extract::MatchedPath;
 use axum::http::Uri;
 use axum::middleware;
 use axum::routing::get;
@@ -50,6 +52,8 @@ pub struct AppState {
     /// This process's cap on deliveries in flight, and how many are in flight now (a gauge the
     /// delivery stage keeps; the API only reads it).
     pub global_parallelism: (usize, Arc<AtomicUsize>),
+    /// URI and header size, requests in progress, body deadline.
+    pub request_limits: limits::RequestLimits,
 }
 
 impl AppState {
@@ -77,12 +81,27 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::require_token,
+        ))
+        // Outside authentication: unauthenticated floods are bounded too.
+        .layer(middleware::from_fn_with_state(
+            state.request_limits.clone(),
+            limits::enforce,
         ));
     Router::new()
         .route("/health", get(health))
         .merge(v2)
-        .layer(TraceLayer::new_for_http())
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
+}
+
+/// The span of a request: its method and route, not its URI, whose path holds a destination URL
+/// that may carry credentials.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("(no route)", MatchedPath::as_str);
+    tracing::debug_span!("request", method = %request.method(), route)
 }
 
 async fn health() -> Json<Value> {

@@ -358,6 +358,8 @@ pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, 
                 .is_some()
             {
                 Err(ApiError::PayloadTooLarge(limit))
+            } else if super::limits::is_deadline(inner.as_ref()) {
+                Err(ApiError::RequestTimeout)
             } else {
                 Err(ApiError::BadRequest(format!(
                     "could not read the request body: {inner}"

@@ -6,7 +6,7 @@
 //! the local view of the events. Deleting a queue removes its settings; messages already in it are
 //! still delivered, in order, as in a new queue (parallelism 1); an enqueue re-creates it.
 
-use axum::body::Bytes;
+use super::limits::BoundedBody;
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -71,7 +71,10 @@ fn find(state: &AppState, name: &str) -> Result<QueueRecord, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("queue {name:?} not found")))
 }
 
-async fn upsert(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn upsert(
+    State(state): State<AppState>,
+    BoundedBody(body): BoundedBody,
+) -> Result<Json<Value>, ApiError> {
     let request: Upsert = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be JSON {{\"queueName\", \"parallelism\"?, \"paused\"?}}: {e}"

@@ -7,7 +7,7 @@
 //! DELETE, as both SDKs send it); removing the last endpoint deletes the group. Deleting a group
 //! does not cancel messages already published to it.
 
-use axum::body::Bytes;
+use super::limits::BoundedBody;
 use axum::extract::{Path, State};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -72,7 +72,7 @@ fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
 async fn add_endpoints(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    bytes: Bytes,
+    BoundedBody(bytes): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
     validate_name("URL group name", &name).map_err(ApiError::BadRequest)?;
     let AddBody { endpoints } = body(&bytes, r#"{"endpoints":[{"url","name"?}]}"#)?;
@@ -95,7 +95,7 @@ async fn add_endpoints(
 async fn remove_endpoints(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    bytes: Bytes,
+    BoundedBody(bytes): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
     let RemoveBody { endpoints } = body(&bytes, r#"{"endpoints":[{"name"?,"url"?}]}"#)?;
     if let Some(bad) = endpoints

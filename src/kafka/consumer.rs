@@ -34,7 +34,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -48,6 +48,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::group::OffRuntime;
 use super::lanes::{LaneId, LanePolicy, Lanes, Next, Pushed, Rewind};
 use super::offsets::{Commit, OffsetState, OffsetTracker, Ticket};
 use crate::model::now_ms;
@@ -198,6 +199,20 @@ struct Books {
     tracker: Mutex<OffsetTracker>,
     pauses: Mutex<Pauses>,
     lanes: Mutex<Lanes<Held>>,
+    /// Set once the consumer stops: the revocation that its close triggers then commits
+    /// asynchronously (a synchronous commit from inside the close can wait for ever; what
+    /// finished was committed just before, or is processed again by the next owner).
+    closing: AtomicBool,
+}
+
+/// Marks the books closing when dropped: however `run` ends (returned, or its task dropped), the
+/// flag is set before the consumer is closed.
+struct ClosingOnDrop(Arc<Books>);
+
+impl Drop for ClosingOnDrop {
+    fn drop(&mut self) {
+        self.0.closing.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Adds a commit (offset and, when there is any, metadata) to `tpl`.
@@ -245,7 +260,12 @@ impl ConsumerContext for TrackingContext {
                 }
                 tracing::info!(partitions = tpl.count(), "partitions revoked");
                 if commit.count() > 0 {
-                    if let Err(e) = consumer.commit(&commit, CommitMode::Sync) {
+                    let mode = if self.books.closing.load(Ordering::SeqCst) {
+                        CommitMode::Async
+                    } else {
+                        CommitMode::Sync
+                    };
+                    if let Err(e) = consumer.commit(&commit, mode) {
                         tracing::warn!(error = %e, "commit on revoke failed; records since the last commit will be processed again");
                     }
                 }
@@ -286,7 +306,8 @@ impl ConsumerContext for TrackingContext {
     }
 }
 
-type Inner = StreamConsumer<TrackingContext>;
+/// The consumer, closed off the runtime whenever it is dropped (see `group.rs`).
+type Inner = OffRuntime<StreamConsumer<TrackingContext>>;
 
 /// A group member consuming some topics with bounded parallelism, lanes and correct commits.
 pub struct ParallelConsumer {
@@ -318,14 +339,16 @@ impl ParallelConsumer {
             tracker: Mutex::new(OffsetTracker::new(settings.commit_metadata_max_bytes)),
             pauses: Mutex::new(Pauses::default()),
             lanes: Mutex::new(Lanes::new(settings.lane_buffer, settings.max_buffered)),
+            closing: AtomicBool::new(false),
         });
-        let consumer: Inner = config.create_with_context(TrackingContext {
-            books: books.clone(),
-        })?;
+        let consumer: StreamConsumer<TrackingContext> =
+            config.create_with_context(TrackingContext {
+                books: books.clone(),
+            })?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         Ok(ParallelConsumer {
-            consumer: Arc::new(consumer),
+            consumer: Arc::new(OffRuntime::new(consumer)),
             books,
             settings,
             in_flight: Arc::new(AtomicUsize::new(0)),
@@ -339,6 +362,7 @@ impl ParallelConsumer {
 
     /// Consumes until `shutdown`, then drains and commits.
     pub async fn run<H: RecordHandler>(self, handler: Arc<H>, shutdown: CancellationToken) {
+        let closing = ClosingOnDrop(self.books.clone());
         let (rewind_tx, mut rewind_rx) = mpsc::unbounded_channel();
         let rt = Arc::new(Runtime {
             handler: handler.clone(),
@@ -401,6 +425,7 @@ impl ParallelConsumer {
         let consumer = self.consumer.clone();
         let books = self.books.clone();
         let _ = tokio::task::spawn_blocking(move || commit_due(&consumer, &books)).await;
+        drop(closing);
         super::group::leave(self.consumer).await;
         tracing::info!("consumer stopped");
     }

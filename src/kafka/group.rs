@@ -12,10 +12,13 @@
 //!
 //! The consumers leave their group by being dropped (librdkafka's close: the final revocation, a
 //! commit, LeaveGroup), not by an `unsubscribe` first: an unsubscribe whose revocation is still
-//! pending when the close starts is what made the close hang on the embedded cluster. The drop
-//! runs through [`leave`], on a thread of its own and bounded, so that a close that hangs anyway
-//! cannot stall the runtime or a stop.
+//! pending when the close starts is what made the close hang on the embedded cluster. A close
+//! blocks, and can hang, so it never runs on a runtime thread: a stop closes through [`leave`]
+//! (a thread of its own, waited for a bounded time), and every consumer is held in an
+//! [`OffRuntime`], which moves a drop that happens anywhere else (a task aborted, the runtime shut
+//! down with the task still running) to a thread of its own as well.
 
+use std::ops::Deref;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -72,5 +75,44 @@ pub async fn leave<T: Send + 'static>(consumer: T) {
             timeout = ?CLOSE_TIMEOUT,
             "leaving the consumer group did not finish; the group will notice at the session timeout"
         );
+    }
+}
+
+/// Holds a value whose drop blocks (a consumer: the drop closes it). Dropped on a runtime thread,
+/// the value is handed to a thread of its own and dropped there, so the runtime never waits on it;
+/// dropped anywhere else (e.g. in [`leave`]'s thread), it is dropped in place.
+pub struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffRuntime<T> {
+    pub fn new(value: T) -> Self {
+        OffRuntime(Some(value))
+    }
+}
+
+impl<T: Send + 'static> Deref for OffRuntime<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        self.0
+            .as_ref()
+            .expect("the value is only taken out when dropped")
+    }
+}
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        let Some(value) = self.0.take() else {
+            return;
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return drop(value);
+        }
+        let spawned = std::thread::Builder::new()
+            .name("kstash-consumer-close".into())
+            .spawn(move || drop(value));
+        if let Err(e) = spawned {
+            // Leaking it is better than blocking a runtime thread, maybe for ever.
+            tracing::warn!(error = %e, "cannot start a thread to close a consumer; it is left open");
+        }
     }
 }

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::delay::Router;
+use crate::kafka::group::OffRuntime;
 use crate::kafka::record::Record;
 use crate::kafka::transaction::{Outgoing, TxProducer};
 use crate::kafka::{client_config, Role, SetupError};
@@ -151,7 +152,8 @@ pub struct Scheduler {
     transaction_timeout: Duration,
 }
 
-type Inner = StreamConsumer<AssignmentContext>;
+/// The scheduler's consumer, closed off the runtime whenever it is dropped.
+type Inner = OffRuntime<StreamConsumer<AssignmentContext>>;
 
 impl Scheduler {
     pub fn new(
@@ -176,12 +178,13 @@ impl Scheduler {
         let current = Arc::new(Mutex::new(Assignment::default()));
         let mut config = client_config(&self.kafka, Role::Consumer)?;
         config.set(ASSIGNOR_KEY, RANGE_ASSIGNOR);
-        let consumer: Inner = config.create_with_context(AssignmentContext {
-            schedules_topic: self.topics.schedules.clone(),
-            current: current.clone(),
-        })?;
+        let consumer: StreamConsumer<AssignmentContext> =
+            config.create_with_context(AssignmentContext {
+                schedules_topic: self.topics.schedules.clone(),
+                current: current.clone(),
+            })?;
         consumer.subscribe(&[&self.topics.schedules, &self.topics.fires])?;
-        let consumer = Arc::new(consumer);
+        let consumer = Arc::new(OffRuntime::new(consumer));
         let mut owned: HashMap<i32, Owned> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
