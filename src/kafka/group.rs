@@ -116,3 +116,53 @@ impl<T: Send + 'static> Drop for OffRuntime<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::thread::ThreadId;
+
+    use super::*;
+
+    /// Waits for a release when dropped, then says on which thread it was dropped.
+    struct BlockingDrop {
+        release: mpsc::Receiver<()>,
+        dropped_on: mpsc::Sender<ThreadId>,
+    }
+
+    impl Drop for BlockingDrop {
+        fn drop(&mut self) {
+            let _ = self.release.recv_timeout(Duration::from_secs(10));
+            let _ = self.dropped_on.send(std::thread::current().id());
+        }
+    }
+
+    fn blocking_drop() -> (BlockingDrop, mpsc::Sender<()>, mpsc::Receiver<ThreadId>) {
+        let (release_tx, release) = mpsc::channel();
+        let (dropped_on, dropped_rx) = mpsc::channel();
+        let value = BlockingDrop {
+            release,
+            dropped_on,
+        };
+        (value, release_tx, dropped_rx)
+    }
+
+    #[tokio::test]
+    async fn a_drop_on_a_runtime_thread_happens_on_another_thread() {
+        let (value, release, dropped_on) = blocking_drop();
+        drop(OffRuntime::new(value));
+        // Had the drop run here, it would have waited for this release (then timed out).
+        release.send(()).unwrap();
+        let thread = dropped_on.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_ne!(thread, std::thread::current().id());
+    }
+
+    #[test]
+    fn a_drop_off_the_runtime_happens_in_place() {
+        let (value, release, dropped_on) = blocking_drop();
+        release.send(()).unwrap();
+        drop(OffRuntime::new(value));
+        let thread = dropped_on.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(thread, std::thread::current().id());
+    }
+}
