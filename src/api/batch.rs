@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::routing::post;
@@ -23,7 +22,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::publish::{caller_ip, read_body, refuse_delays, store, Publish};
+use super::limits::read_body;
+use super::publish::{caller_ip, refuse_delays, store, Publish};
 use super::AppState;
 use crate::model::destination;
 use crate::model::headers;
@@ -48,7 +48,7 @@ struct Item {
 
 async fn batch(State(state): State<AppState>, request: Request) -> Result<Json<Value>, ApiError> {
     let caller_ip = caller_ip(&request);
-    let bytes = Bytes::from(read_body(request.into_body(), state.batch_limit).await?);
+    let bytes = read_body(request.into_body(), state.batch_limit).await?;
     let items: Vec<Item> = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be a JSON array of {{destination, headers, body, queue?}}: {e}"

@@ -95,8 +95,26 @@ fn with_deadline(body: Body, deadline: Instant) -> Body {
     Body::from_stream(limited)
 }
 
+/// Reads the whole body: more than `limit` bytes is a 413, a missed deadline a 408, a broken body
+/// a 400. Every handler that reads a body reads it here.
+pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some()
+        {
+            ApiError::PayloadTooLarge(limit)
+        } else if is_deadline(inner.as_ref()) {
+            ApiError::RequestTimeout
+        } else {
+            ApiError::BadRequest(format!("could not read the request body: {inner}"))
+        }
+    })
+}
+
 /// Whether `e` (or one of its sources) is a missed body deadline.
-pub fn is_deadline(e: &(dyn std::error::Error + 'static)) -> bool {
+fn is_deadline(e: &(dyn std::error::Error + 'static)) -> bool {
     let mut next = Some(e);
     while let Some(e) = next {
         if e.is::<BodyDeadline>() {
@@ -116,8 +134,8 @@ impl FromRequest<AppState> for BoundedBody {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &AppState) -> Result<Self, ApiError> {
-        super::publish::read_body(request.into_body(), state.body_limit)
+        read_body(request.into_body(), state.body_limit)
             .await
-            .map(|body| BoundedBody(Bytes::from(body)))
+            .map(BoundedBody)
     }
 }

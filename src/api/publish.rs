@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::limits::read_body;
 use super::messages::query_store;
 use super::AppState;
 use crate::model::dedup::{DedupRecord, DEDUP_VERSION};
@@ -111,7 +112,7 @@ async fn publish(
     let destination = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
     let now = now_ms();
     let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
-    let body = read_body(body, state.body_limit).await?;
+    let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, None, options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
     Ok((status, Json(reply)))
@@ -134,7 +135,7 @@ async fn enqueue(
     let destination = destination::from_uri(&parts.uri, &format!("{ENQUEUE_PREFIX}{queue}/"))?;
     let now = now_ms();
     let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
-    let body = read_body(body, state.body_limit).await?;
+    let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, Some(queue), options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
     Ok((status, Json(reply)))
@@ -343,28 +344,6 @@ fn dedup_key(dedup: &Dedup, envelope: &Envelope, per_endpoint: bool) -> String {
                 }
             }
             format!("content:{}", URL_SAFE_NO_PAD.encode(hash.finalize()))
-        }
-    }
-}
-
-/// Reads the whole body, refusing more than `limit` bytes with 413.
-pub async fn read_body(body: axum::body::Body, limit: usize) -> Result<Vec<u8>, ApiError> {
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes.to_vec()),
-        Err(e) => {
-            let inner = e.into_inner();
-            if inner
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::PayloadTooLarge(limit))
-            } else if super::limits::is_deadline(inner.as_ref()) {
-                Err(ApiError::RequestTimeout)
-            } else {
-                Err(ApiError::BadRequest(format!(
-                    "could not read the request body: {inner}"
-                )))
-            }
         }
     }
 }

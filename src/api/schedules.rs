@@ -16,8 +16,9 @@ use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::limits::read_body;
 use super::messages::query_store;
-use super::publish::{caller_ip, read_body};
+use super::publish::caller_ip;
 use super::render::schedule as schedule_json;
 use super::AppState;
 use crate::model::destination::{self, Destination};
@@ -134,7 +135,7 @@ async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiErr
     }
     let now = now_ms();
     let options = headers::parse_publish(&publish_headers, &state.limits, now)?;
-    let body = read_body(body, state.body_limit).await?;
+    let body = read_body(body, state.body_limit).await?.to_vec();
     let delay_ms = options
         .not_before
         .map(|nb| u64::try_from(nb.saturating_sub(now)).unwrap_or_default());

@@ -27,8 +27,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Forwarded headers never sent: `Host` would send the request to another virtual host than the
 /// checked destination (`Upstash-Forward-Host`); the others are per-connection or framing headers
 /// that the client sets itself.
-const NOT_FORWARDED: [&str; 10] = [
+const NOT_FORWARDED: [&str; 11] = [
     "host",
+    "content-length",
     "connection",
     "keep-alive",
     "proxy-authenticate",
@@ -39,8 +40,6 @@ const NOT_FORWARDED: [&str; 10] = [
     "transfer-encoding",
     "upgrade",
 ];
-/// Framing header the client computes from the body.
-const CONTENT_LENGTH: &str = "content-length";
 
 /// What a destination answered (body truncated to [`RESPONSE_BODY_LIMIT`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +117,7 @@ impl HttpDelivery {
         for (name, values) in &envelope.header {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| format!("invalid header name {name:?}"))?;
-            if NOT_FORWARDED.contains(&name.as_str()) || name.as_str() == CONTENT_LENGTH {
+            if NOT_FORWARDED.contains(&name.as_str()) {
                 tracing::debug!(message_id = %envelope.message_id, header = %name, "forwarded header not sent");
                 continue;
             }

@@ -52,6 +52,16 @@ pub fn rebalance<C: ConsumerContext>(
 
 /// How long a stop waits for a consumer to leave its group.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Name of the threads that close consumers.
+const CLOSE_THREAD: &str = "kstash-consumer-close";
+
+/// Runs `close` on a detached thread of its own.
+fn close_on_own_thread(close: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name(CLOSE_THREAD.into())
+        .spawn(close)
+        .map(drop)
+}
 
 /// Drops `consumer` (closing it, which leaves the group) on a thread of its own and waits up to
 /// [`CLOSE_TIMEOUT`]. Finished offsets are committed before this is called, so a close that does
@@ -60,12 +70,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// blocking-pool thread for ever).
 pub async fn leave<T: Send + 'static>(consumer: T) {
     let (done, closed) = tokio::sync::oneshot::channel();
-    let spawned = std::thread::Builder::new()
-        .name("kstash-consumer-close".into())
-        .spawn(move || {
-            drop(consumer);
-            let _ = done.send(());
-        });
+    let spawned = close_on_own_thread(move || {
+        drop(consumer);
+        let _ = done.send(());
+    });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the consumer-close thread; the group will notice at the session timeout");
         return;
@@ -107,10 +115,7 @@ impl<T: Send + 'static> Drop for OffRuntime<T> {
         if tokio::runtime::Handle::try_current().is_err() {
             return drop(value);
         }
-        let spawned = std::thread::Builder::new()
-            .name("kstash-consumer-close".into())
-            .spawn(move || drop(value));
-        if let Err(e) = spawned {
+        if let Err(e) = close_on_own_thread(move || drop(value)) {
             // Leaking it is better than blocking a runtime thread, maybe for ever.
             tracing::warn!(error = %e, "cannot start a thread to close a consumer; it is left open");
         }
