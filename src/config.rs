@@ -110,6 +110,11 @@ pub struct KafkaConfig {
     pub commit_metadata_max_bytes: usize,
     #[serde(default)]
     pub librdkafka: BTreeMap<String, String>,
+    /// Largest record kstash writes (bytes): not a setting but derived from `server.body_limit`
+    /// ([`Config::record_limit`]) by `server::start`, so the clients' limits fit the records.
+    /// 0: librdkafka's defaults.
+    #[serde(skip)]
+    pub max_record_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +279,7 @@ impl Config {
         }
         crate::delay::ladder::Ladder::new(&self.delay.buckets).map_err(ConfigError::Invalid)?;
         self.validate_topics()?;
+        self.validate_record_limit()?;
         let positive_counts = [
             ("server.body_limit", self.server.body_limit),
             ("server.batch_limit", self.server.batch_limit),
@@ -402,6 +408,37 @@ impl Config {
             .unwrap_or_else(|| panic!("validated configuration has topics.{key}"))
     }
 
+    /// The largest record kstash may write for a body of `server.body_limit` bytes: a callback
+    /// message carries the body base64-encoded twice (in its payload's `sourceBody`, and the
+    /// payload as the callback's own body), so 16/9 of it, plus [`RECORD_HEADROOM`] for
+    /// headers, the attempt's response (at most 64 KiB) and the JSON around them. Every topic is
+    /// created with `max.message.bytes` of at least this, and the producer's `message.max.bytes`
+    /// is this.
+    pub fn record_limit(&self) -> usize {
+        self.server
+            .body_limit
+            .div_ceil(9)
+            .saturating_mul(16)
+            .saturating_add(RECORD_HEADROOM)
+    }
+
+    /// Topics whose configuration sets `max.message.bytes` below [`Config::record_limit`].
+    fn validate_record_limit(&self) -> Result<(), ConfigError> {
+        let needed = self.record_limit();
+        for (key, topic) in &self.topics {
+            if let Some(value) = topic.config.get(TOPIC_MAX_MESSAGE_BYTES) {
+                let fits = value.trim().parse::<usize>().is_ok_and(|v| v >= needed);
+                if !fits {
+                    return Err(ConfigError::Invalid(format!(
+                        "topics.{key}.config.\"{TOPIC_MAX_MESSAGE_BYTES}\" is {value}, but server.body_limit ({}) needs records of up to {needed} bytes (a callback carries the body base64-encoded twice): raise it, remove it (kstash then sets it), or lower server.body_limit",
+                        self.server.body_limit
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Gives every topic `partitions` partitions (the embedded cluster, tests).
     pub fn set_partitions(&mut self, partitions: i32) {
         for topic in self.topics.values_mut() {
@@ -409,6 +446,12 @@ impl Config {
         }
     }
 }
+
+/// Room in a record beyond the (twice-encoded) body: headers, a response of at most 64 KiB, JSON.
+pub const RECORD_HEADROOM: usize = 1024 * 1024;
+
+/// The topic configuration that bounds a record's size.
+pub const TOPIC_MAX_MESSAGE_BYTES: &str = "max.message.bytes";
 
 /// Upper bound of `kafka.commit_metadata_max_bytes`: Kafka refuses commits whose metadata exceeds
 /// the broker's `offset.metadata.max.bytes` (default 4096).
@@ -624,6 +667,25 @@ mod tests {
                 Ok(())
             });
         }
+    }
+
+    #[test]
+    fn a_topic_limit_below_the_records_of_the_body_limit_is_refused() {
+        let mut c = Config::defaults(Mode::Dev);
+        c.server.body_limit = 4 * 1024 * 1024;
+        assert!(
+            c.record_limit() > 2 * c.server.body_limit,
+            "a callback doubles the body"
+        );
+        c.validate(Mode::Dev).unwrap();
+        let events = &mut c.topics.get_mut("events").unwrap().config;
+        events.insert(TOPIC_MAX_MESSAGE_BYTES.into(), "1048588".into());
+        let err = c.validate(Mode::Dev).unwrap_err().to_string();
+        assert!(err.contains("topics.events.config"), "names the key: {err}");
+        let fits = c.record_limit().to_string();
+        let events = &mut c.topics.get_mut("events").unwrap().config;
+        events.insert(TOPIC_MAX_MESSAGE_BYTES.into(), fits);
+        c.validate(Mode::Dev).unwrap();
     }
 
     #[test]

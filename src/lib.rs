@@ -17,6 +17,7 @@ pub mod delivery;
 pub mod kafka;
 pub mod listener;
 pub mod model;
+pub mod poison;
 pub mod schedule;
 pub mod server;
 pub mod signing;

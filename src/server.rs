@@ -27,6 +27,7 @@ use crate::kafka::{self, Producer, Role, SetupError};
 use crate::model::flow::FlowLimits;
 use crate::model::headers::Limits;
 use crate::model::ids;
+use crate::poison::Quarantine;
 use crate::schedule::{Scheduler, SchedulerTopics};
 use crate::signing::Signer;
 use crate::state::tail;
@@ -116,6 +117,7 @@ pub async fn start(
         }
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
+    config.kafka.max_record_bytes = config.record_limit();
     let partitions =
         kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
     let names = TopicNames::of(&config);
@@ -225,7 +227,16 @@ pub async fn start(
         },
     )?;
     tasks.spawn(delay_consumer.run(
-        Delayer::new(router.clone(), shutdown.clone()),
+        Delayer::new(
+            router.clone(),
+            Quarantine::new(
+                producer.clone(),
+                names.state(Kind::Dlq).to_string(),
+                "delay",
+                shutdown.clone(),
+            ),
+            shutdown.clone(),
+        ),
         shutdown.clone(),
     ));
 

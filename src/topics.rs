@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::config::Config;
+use crate::config::{Config, TOPIC_MAX_MESSAGE_BYTES};
 use crate::delay::ladder::Ladder;
 use crate::kafka::topics::TopicSpec;
 use crate::state::Kind;
@@ -80,12 +80,20 @@ pub fn ladder(config: &Config) -> Ladder {
 /// The topics `config` asks for, with full names, partitions and topic configs.
 pub fn specs(config: &Config) -> Vec<TopicSpec> {
     let names = TopicNames::of(config);
+    // Every topic takes records of the largest size kstash writes, unless configured larger
+    // (`Config::validate` refuses smaller).
+    let record_limit = config.record_limit().to_string();
     let spec = |name: &str, key: &str| {
         let t = config.topic(key);
+        let mut topic_config = t.config.clone();
+        topic_config
+            .entry(TOPIC_MAX_MESSAGE_BYTES.to_string())
+            .or_insert_with(|| record_limit.clone());
         TopicSpec {
             name: name.to_string(),
             partitions: t.partitions,
-            config: t.config.clone().into_iter().collect(),
+            config: topic_config.into_iter().collect(),
+            min_record_bytes: config.record_limit(),
         }
     };
     let mut specs = vec![spec(&names.ready, READY)];

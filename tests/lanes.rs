@@ -81,6 +81,7 @@ impl Setup {
                 name: topic.clone(),
                 partitions: 1,
                 config: vec![],
+                min_record_bytes: 0,
             }],
             kafka.embedded.as_deref(),
         )

@@ -144,7 +144,7 @@ async fn delete(state: &AppState, records: Vec<DlqRecord>) -> Result<usize, ApiE
             .writer
             .remove::<DlqRecord>(&r.dlq_id)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("delete not stored, safe to retry: {e}")))?;
+            .map_err(|e| ApiError::not_stored("delete", &e))?;
     }
     Ok(records.len())
 }

@@ -6,6 +6,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use rdkafka::error::KafkaError;
+
+use crate::kafka::producer::{is_permanent, is_too_large};
+use crate::kafka::transaction::TxError;
 use crate::model::destination::DestinationError;
 use crate::model::headers::HeaderError;
 
@@ -26,6 +30,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     Unavailable(String),
+    /// Kafka refused a record as too large for it (a retry cannot help).
+    #[error("{0}")]
+    TooLargeForKafka(String),
     #[error("request URI is longer than the limit of {0} bytes")]
     UriTooLong(usize),
     #[error("request headers are larger than the limit of {0} bytes")]
@@ -45,11 +52,36 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
-            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge(_) | ApiError::TooLargeForKafka(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             ApiError::Unavailable(_) | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+}
+
+impl ApiError {
+    /// A write (`what`: "message", "queue change", …) Kafka did not take: 503, safe to retry,
+    /// unless Kafka refused it for good, which a retry cannot change (413 when too large, else
+    /// 400).
+    pub fn not_stored(what: &str, e: &KafkaError) -> Self {
+        if is_too_large(e) {
+            ApiError::TooLargeForKafka(format!("{what} too large for Kafka, not stored: {e}"))
+        } else if is_permanent(e) {
+            ApiError::BadRequest(format!("{what} refused by Kafka, not stored: {e}"))
+        } else {
+            ApiError::Unavailable(format!("{what} not stored, safe to retry: {e}"))
+        }
+    }
+
+    /// As [`ApiError::not_stored`], for a transactional write.
+    pub fn not_stored_tx(what: &str, e: &TxError) -> Self {
+        match e {
+            TxError::Kafka(e) => Self::not_stored(what, e),
+            e => ApiError::Unavailable(format!("{what} not stored, safe to retry: {e}")),
         }
     }
 }

@@ -80,11 +80,11 @@ async fn save(
     before: i64,
 ) -> Result<Json<Value>, ApiError> {
     record.updated_at = now_ms().max(before + 1);
-    state.writer.put(record.clone()).await.map_err(|e| {
-        ApiError::Unavailable(format!(
-            "flow-control change not stored, safe to retry: {e}"
-        ))
-    })?;
+    state
+        .writer
+        .put(record.clone())
+        .await
+        .map_err(|e| ApiError::not_stored("flow-control change", &e))?;
     Ok(Json(render(state, &record).await?))
 }
 

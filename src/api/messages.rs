@@ -132,7 +132,7 @@ async fn cancel(state: &AppState, messages: Vec<Envelope>) -> Result<usize, ApiE
                 .writer
                 .put(CancelRecord::new(&m.message_id, now))
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("cancel not stored, safe to retry: {e}")))?;
+                .map_err(|e| ApiError::not_stored("cancel", &e))?;
             let event = Event::new(&m, EventState::CancelRequested, now);
             if let Err(e) = state.writer.put(event).await {
                 tracing::warn!(message_id = %m.message_id, error = %e, "CANCEL_REQUESTED event not recorded");

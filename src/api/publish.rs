@@ -168,7 +168,7 @@ async fn ensure_queue(state: &AppState, queue: &str, now: i64) -> Result<(), Api
             .writer
             .put(record)
             .await
-            .map_err(|e| ApiError::Unavailable(format!("queue not created, safe to retry: {e}")))?;
+            .map_err(|e| ApiError::not_stored("queue", &e))?;
         tracing::info!(queue, "queue created by its first enqueue");
     }
     Ok(())
@@ -228,9 +228,11 @@ pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Va
             }
             let envelopes: Vec<Envelope> = fresh.iter().map(|(e, _)| e.clone()).collect();
             if !envelopes.is_empty() {
-                state.writer.accept_all(&envelopes).await.map_err(|e| {
-                    ApiError::Unavailable(format!("messages not stored, safe to retry: {e}"))
-                })?;
+                state
+                    .writer
+                    .accept_all(&envelopes)
+                    .await
+                    .map_err(|e| ApiError::not_stored_tx("messages", &e))?;
                 tracing::debug!(group = %name, messages = envelopes.len(), "fanned out");
             }
             for (envelope, key) in fresh {
@@ -285,10 +287,11 @@ async fn remember(state: &AppState, key: Option<String>, envelope: &Envelope) {
 /// Stores a new message: the envelope (ready topic or delay ladder) and its CREATED event. Answers
 /// 503 when Kafka did not take the envelope.
 pub async fn accept(state: &AppState, envelope: &Envelope) -> Result<(), ApiError> {
-    let ack =
-        state.writer.accept(envelope).await.map_err(|e| {
-            ApiError::Unavailable(format!("message not stored, safe to retry: {e}"))
-        })?;
+    let ack = state
+        .writer
+        .accept(envelope)
+        .await
+        .map_err(|e| ApiError::not_stored("message", &e))?;
     tracing::debug!(
         message_id = %envelope.message_id,
         queue = envelope.queue_name.as_deref(),

@@ -60,7 +60,7 @@ async fn render(state: &AppState, q: QueueRecord) -> Result<Value, ApiError> {
 }
 
 fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
-    r.map_err(|e| ApiError::Unavailable(format!("queue change not stored, safe to retry: {e}")))
+    r.map_err(|e| ApiError::not_stored("queue change", &e))
 }
 
 fn find(state: &AppState, name: &str) -> Result<QueueRecord, ApiError> {

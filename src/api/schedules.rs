@@ -158,7 +158,7 @@ async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiErr
 }
 
 fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
-    r.map_err(|e| ApiError::Unavailable(format!("schedule change not stored, safe to retry: {e}")))
+    r.map_err(|e| ApiError::not_stored("schedule change", &e))
 }
 
 fn find(state: &AppState, id: &str) -> Result<ScheduleRecord, ApiError> {

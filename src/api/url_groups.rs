@@ -66,7 +66,7 @@ fn find(state: &AppState, name: &str) -> Result<UrlGroupRecord, ApiError> {
 }
 
 fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
-    r.map_err(|e| ApiError::Unavailable(format!("URL group change not stored, safe to retry: {e}")))
+    r.map_err(|e| ApiError::not_stored("URL group change", &e))
 }
 
 async fn add_endpoints(

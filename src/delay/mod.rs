@@ -10,7 +10,9 @@
 //! bucket) and then produced to `ready`; any other record is produced to the delay step its
 //! remaining wait calls for. Key, value and headers are forwarded unchanged (only the ladder's own
 //! headers are replaced); the record is finished (committable) only once Kafka acknowledged the
-//! forwarded copy.
+//! forwarded copy. A record without the ladder's due-time header is scheduled by its envelope's
+//! `notBefore` (never delivered early); one whose due time cannot be found at all, or that Kafka
+//! refuses for good, is moved to the dlq topic with the reason (`crate::poison`).
 
 pub mod ladder;
 
@@ -22,12 +24,13 @@ use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::consumer::{Admission, Done, RecordHandler};
-use crate::kafka::producer::{until_acked, Ack};
+use crate::kafka::producer::{until_acked, Ack, Handed};
 use crate::kafka::record::{Record, SCHEMA_HEADER};
 use crate::kafka::transaction::Outgoing;
 use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::now_ms;
+use crate::poison::Quarantine;
 use ladder::{Hop, Ladder};
 
 /// Header on delay-topic records: the message's not-before time (unix ms), so the delay stage
@@ -130,12 +133,18 @@ impl Router {
 /// Forwards delay-topic records.
 pub struct Delayer {
     router: Router,
+    /// Where records go that cannot be scheduled (no due time to be found).
+    quarantine: Quarantine,
     shutdown: CancellationToken,
 }
 
 impl Delayer {
-    pub fn new(router: Router, shutdown: CancellationToken) -> Arc<Self> {
-        Arc::new(Delayer { router, shutdown })
+    pub fn new(router: Router, quarantine: Quarantine, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Delayer {
+            router,
+            quarantine,
+            shutdown,
+        })
     }
 }
 
@@ -175,14 +184,29 @@ impl RecordHandler for Delayer {
             .and_then(|k| std::str::from_utf8(k).ok())
             .unwrap_or_default()
             .to_string();
-        let Some(not_before) = header_ms(&record, NOT_BEFORE_HEADER) else {
-            tracing::error!(
-                topic = record.topic(),
-                partition,
-                offset,
-                "delay record without a not-before header; forwarding it as due"
-            );
-            return self.forward(&key, &record, now_ms()).await;
+        let not_before = match header_ms(&record, NOT_BEFORE_HEADER) {
+            Some(not_before) => not_before,
+            // Written by something other than kstash's router: the envelope knows its due time.
+            None => match record.payload().map(Envelope::decode) {
+                Some(Ok(envelope)) => {
+                    tracing::warn!(
+                        topic = record.topic(),
+                        partition,
+                        offset,
+                        not_before = envelope.not_before,
+                        "delay record without a not-before header; its envelope's due time is used"
+                    );
+                    envelope.not_before
+                }
+                Some(Err(e)) => {
+                    let reason = format!("delay record without a not-before header, and {e}");
+                    return self.quarantine.put(&record, &reason).await;
+                }
+                None => {
+                    let reason = "delay record without a not-before header or a value";
+                    return self.quarantine.put(&record, reason).await;
+                }
+            },
         };
         let now = now_ms();
         if self.router.ladder.in_last_stretch(not_before, now) {
@@ -219,10 +243,13 @@ impl Delayer {
             self.router
                 .send_raw(key, value, headers, not_before, now_ms())
         };
-        if until_acked(&self.shutdown, "delayed message", send).await {
-            Done::Finished
-        } else {
-            Done::HandedBack
+        match until_acked(&self.shutdown, "delayed message", send).await {
+            Handed::Acked(_) => Done::Finished,
+            Handed::Shutdown => Done::HandedBack,
+            Handed::Refused(e) => {
+                let reason = format!("Kafka refused the forwarded record: {e}");
+                self.quarantine.put(record, &reason).await
+            }
         }
     }
 }

@@ -12,6 +12,8 @@
 //! delivered; one the events say was delivered or failed already (a record read again after a
 //! crash or a rebalance) is not delivered again; a queued message continues the retry count its
 //! previous owner recorded; a stale copy of a retried message is dropped (the newer copy exists).
+//! A record that is not a message this build can read is moved to the dlq topic with the reason
+//! (`crate::poison`), never committed and forgotten.
 
 pub mod flow;
 pub mod guard;
@@ -37,6 +39,7 @@ use crate::model::event::{Event, State};
 use crate::model::flow::{FlowControl, FlowLimits};
 use crate::model::now_ms;
 use crate::model::queue::DEFAULT_PARALLELISM;
+use crate::poison::Quarantine;
 use crate::state::store::Progress;
 use crate::state::Views;
 use flow::FlowLimiters;
@@ -54,6 +57,8 @@ pub struct Deliverer {
     limiters: FlowLimiters,
     /// Bounds for flow-control values read back from records (never above what the API took).
     flow_limits: FlowLimits,
+    /// Where records that are not messages this build can read go.
+    quarantine: Quarantine,
     shutdown: CancellationToken,
 }
 
@@ -65,9 +70,16 @@ impl Deliverer {
         flow_limits: FlowLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
+        let quarantine = Quarantine::new(
+            sink.producer.clone(),
+            sink.dlq.clone(),
+            "delivery",
+            shutdown.clone(),
+        );
         let deliverer = Arc::new(Deliverer {
             http,
             sink,
+            quarantine,
             views,
             limiters: FlowLimiters::default(),
             flow_limits,
@@ -244,12 +256,14 @@ impl RecordHandler for Deliverer {
         let envelope = match record.payload().map(Envelope::decode) {
             Some(Ok(e)) => e,
             Some(Err(e)) => {
-                tracing::error!(partition, offset, error = %e, "skipping a record that is not a kstash envelope");
-                return Done::Finished;
+                let reason = format!("not a message this build can read: {e}");
+                return self.quarantine.put(&record, &reason).await;
             }
             None => {
-                tracing::error!(partition, offset, "skipping a record without a value");
-                return Done::Finished;
+                return self
+                    .quarantine
+                    .put(&record, "a message record without a value")
+                    .await;
             }
         };
         let span = tracing::info_span!(

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::{Outcome, Response};
 use crate::delay::Router;
-use crate::kafka::producer::{until_acked, Ack};
+use crate::kafka::producer::{until_acked, Ack, Handed};
 use crate::kafka::Producer;
 use crate::model::callback::{AttemptResponse, Callback, CallbackPayload};
 use crate::model::dlq::{DlqRecord, DLQ_VERSION};
@@ -192,7 +192,8 @@ pub fn callback_payload(
 /// false when shutdown came first. Its CREATED event is queued just before the message itself,
 /// like ACTIVE before an attempt: the producer keeps the order of queued records, so the event
 /// precedes the callback's own ACTIVE (queued only once the message was consumed), and a lost
-/// event costs a log line, not a callback.
+/// event costs a log line, not a callback. A callback message Kafka refuses for good (too large)
+/// is recorded FAILED with the reason, and the source message goes on.
 async fn produce_callback(
     sink: &Sink,
     shutdown: &CancellationToken,
@@ -206,21 +207,33 @@ async fn produce_callback(
     // As on publish: CREATED carries the whole message, for the message and log APIs.
     created.message = Some(Box::new(message.clone()));
     sink.enqueue_event(&created);
-    if !until_acked(shutdown, what, || sink.message(&message)).await {
-        return false;
+    match until_acked(shutdown, what, || sink.message(&message)).await {
+        Handed::Acked(_) => {
+            tracing::debug!(
+                callback_message_id = %message.message_id,
+                not_before = message.not_before,
+                what,
+                "callback message produced"
+            );
+        }
+        Handed::Shutdown => return false,
+        Handed::Refused(e) => {
+            let mut failed = Event::new(&message, State::Failed, now_ms());
+            failed.error = Some(format!("Kafka refused the {what} message: {e}"));
+            tracing::error!(callback_message_id = %message.message_id, error = %e, what, "callback message refused by Kafka; recorded as failed");
+            if let Err(e) = sink.event(&failed).await {
+                tracing::error!(error = %e, "could not record the FAILED event of a callback");
+            }
+        }
     }
-    tracing::debug!(
-        callback_message_id = %message.message_id,
-        not_before = message.not_before,
-        what,
-        "callback message produced"
-    );
     true
 }
 
 /// Acts on the outcome of an attempt; `HandedBack` when Kafka could not take a follow-up (retry
 /// copy, DLQ record, callback message) before shutdown (the attempt is then made again by
-/// whoever reads the record next).
+/// whoever reads the record next). A follow-up Kafka refuses for good never holds the record: a
+/// refused retry copy fails the message to the DLQ, a refused DLQ record is recorded in the FAILED
+/// event.
 pub async fn handle(
     sink: &Sink,
     shutdown: &CancellationToken,
@@ -228,7 +241,7 @@ pub async fn handle(
     outcome: Outcome,
 ) -> After {
     let now = now_ms();
-    let decision = decide(envelope, &outcome, now);
+    let mut decision = decide(envelope, &outcome, now);
     let mut attempt_event = event_for(envelope, &outcome, now);
     let mut follow_up = None;
     if let Some(settings) = &envelope.callback {
@@ -238,32 +251,46 @@ pub async fn handle(
         }
     }
     let mut after = After::Finished;
-    match &decision {
-        Decision::Delivered => {
-            tracing::debug!(status = attempt_event.response_status, "delivered");
-        }
-        Decision::Retry { at_ms } => {
-            let mut next = envelope.clone();
-            next.retried += 1;
-            next.not_before = *at_ms;
-            if next.queue_name.is_some() {
-                after = After::RetryInPlace {
-                    at_ms: *at_ms,
-                    next: Box::new(next.clone()),
-                };
-            } else if !until_acked(shutdown, "retry", || sink.message(&next)).await {
-                return After::HandedBack;
+    let mut refused_retry = None;
+    if let Decision::Retry { at_ms } = decision {
+        let mut next = envelope.clone();
+        next.retried += 1;
+        next.not_before = at_ms;
+        let stored = if next.queue_name.is_some() {
+            after = After::RetryInPlace {
+                at_ms,
+                next: Box::new(next.clone()),
+            };
+            true
+        } else {
+            match until_acked(shutdown, "retry", || sink.message(&next)).await {
+                Handed::Acked(_) => true,
+                Handed::Shutdown => return After::HandedBack,
+                Handed::Refused(e) => {
+                    tracing::error!(error = %e, "retry copy refused by Kafka; the message fails");
+                    refused_retry = Some(format!("; its retry was refused by Kafka: {e}"));
+                    decision = Decision::Fail;
+                    false
+                }
             }
+        };
+        if stored {
             tracing::debug!(
                 error = attempt_event.error.as_deref(),
                 next_delivery_time = at_ms,
                 "attempt failed; retry scheduled"
             );
-            attempt_event.next_delivery_time = Some(*at_ms);
+            attempt_event.next_delivery_time = Some(at_ms);
             let mut retry = Event::new(&next, State::Retry, now);
-            retry.next_delivery_time = Some(*at_ms);
+            retry.next_delivery_time = Some(at_ms);
             follow_up = Some(retry);
         }
+    }
+    match &decision {
+        Decision::Delivered => {
+            tracing::debug!(status = attempt_event.response_status, "delivered");
+        }
+        Decision::Retry { .. } => {}
         Decision::Fail => {
             let (status, header, body) = match &outcome {
                 Outcome::Failed(r) | Outcome::Delivered(r) => {
@@ -279,17 +306,26 @@ pub async fn handle(
                 response_status: status,
                 response_header: header,
                 response_body: body,
-                error: failure_text(&outcome),
+                error: failure_text(&outcome) + refused_retry.as_deref().unwrap_or_default(),
             };
-            if !until_acked(shutdown, "dead letter", || sink.dead_letter(&record)).await {
-                return After::HandedBack;
+            let mut error = record.error.clone();
+            let mut dlq_id = Some(record.dlq_id.as_str());
+            match until_acked(shutdown, "dead letter", || sink.dead_letter(&record)).await {
+                Handed::Acked(_) => {
+                    tracing::warn!(error = %record.error, dlq_id = %record.dlq_id, "message failed; moved to the DLQ");
+                }
+                Handed::Shutdown => return After::HandedBack,
+                Handed::Refused(e) => {
+                    tracing::error!(error = %e, "DLQ record refused by Kafka; the message fails without a DLQ entry");
+                    error = format!("{error}; its DLQ record was refused by Kafka: {e}");
+                    dlq_id = None;
+                }
             }
-            tracing::warn!(error = %record.error, dlq_id = %record.dlq_id, "message failed; moved to the DLQ");
             let mut failed = Event::new(envelope, State::Failed, now);
-            failed.error = Some(record.error.clone());
+            failed.error = Some(error);
             follow_up = Some(failed);
             if let Some(settings) = &envelope.failure_callback {
-                let payload = callback_payload(envelope, &outcome, Some(&record.dlq_id));
+                let payload = callback_payload(envelope, &outcome, dlq_id);
                 let what = "failure callback";
                 if !produce_callback(sink, shutdown, what, settings, &payload, now).await {
                     return After::HandedBack;

@@ -57,6 +57,8 @@ use crate::model::now_ms;
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Timeout of the seek that hands back a record or rewinds a partition.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How soon a failed seek back is tried again (ms); the partition stays paused meanwhile.
+const RESEEK_RETRY_MS: i64 = 1000;
 /// Timeout of reading the committed offsets (and metadata) of newly assigned partitions.
 const COMMITTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// A waiting lane looks at its policy again at least this often (a missed change notification
@@ -164,6 +166,9 @@ struct Pauses {
     read_next: HashMap<Tp, i64>,
     /// One past the highest offset each partition has read (a rewind reads below it again).
     read_high: HashMap<Tp, i64>,
+    /// Partitions whose seek back to a record failed, with that record's offset: they stay paused
+    /// (held) until a seek there succeeds, since reading on would skip the record.
+    reseek: HashMap<Tp, i64>,
 }
 
 impl Pauses {
@@ -172,10 +177,48 @@ impl Pauses {
         self.rewound.remove(tp);
         self.read_next.remove(tp);
         self.read_high.remove(tp);
+        self.reseek.remove(tp);
     }
 
     fn next_wake(&self) -> Option<i64> {
         self.held.values().min().copied()
+    }
+
+    /// The seek of paused partition `tp` back to `offset` failed: keep it paused and try again at
+    /// `retry_at`.
+    fn seek_failed(&mut self, tp: Tp, offset: i64, retry_at: i64) {
+        let pending = self.reseek.entry(tp.clone()).or_insert(offset);
+        *pending = (*pending).min(offset);
+        let wake = self.held.entry(tp).or_insert(retry_at);
+        *wake = (*wake).min(retry_at);
+    }
+
+    /// A seek of `tp` to `offset` succeeded: reading goes on from there.
+    fn sought(&mut self, tp: Tp, offset: i64) {
+        if self.reseek.get(&tp).is_some_and(|o| *o >= offset) {
+            self.reseek.remove(&tp);
+        }
+        let rewound = self.rewound.entry(tp.clone()).or_insert(offset);
+        *rewound = (*rewound).min(offset);
+        self.read_next.insert(tp, offset);
+    }
+
+    /// Held partitions whose time has come at `now`, each with the offset it must first be
+    /// sought back to (a seek that failed before), taken out of `held`.
+    fn take_due(&mut self, now: i64) -> Vec<(Tp, Option<i64>)> {
+        let due: Vec<Tp> = self
+            .held
+            .iter()
+            .filter(|(_, wake)| **wake <= now)
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        due.into_iter()
+            .map(|tp| {
+                self.held.remove(&tp);
+                let reseek = self.reseek.get(&tp).copied();
+                (tp, reseek)
+            })
+            .collect()
     }
 }
 
@@ -586,9 +629,10 @@ impl ParallelConsumer {
                 pauses.read_next.insert(tp, offset);
             }
             Err(e) => {
-                // Without the seek the record would be skipped: fail loudly. It stays
-                // uncommitted (never held), so it is read again after a restart.
-                tracing::error!(error = %e, topic, partition, offset, "seek back failed");
+                // Reading on would skip the record: the partition stays paused until a seek
+                // back to it succeeds (`resume_due` tries again).
+                tracing::warn!(error = %e, topic, partition, offset, "seek back failed; the partition stays paused and the seek is retried");
+                pauses.seek_failed(tp, offset, now_ms() + RESEEK_RETRY_MS);
             }
         }
     }
@@ -654,21 +698,31 @@ impl ParallelConsumer {
         }
     }
 
-    /// Resumes held partitions whose time has come (unless everything is paused).
+    /// Resumes held partitions whose time has come (unless everything is paused); one whose
+    /// seek back failed is first sought again, and stays paused if that fails too.
     fn resume_due(&self) {
         let now = now_ms();
         let mut pauses = lock(&self.books.pauses);
-        let due: Vec<Tp> = pauses
-            .held
-            .iter()
-            .filter(|(_, wake)| **wake <= now)
-            .map(|(tp, _)| tp.clone())
-            .collect();
         let mut tpl = TopicPartitionList::new();
-        for tp in &due {
-            pauses.held.remove(tp);
+        for (tp, reseek) in pauses.take_due(now) {
+            if let Some(offset) = reseek {
+                match self
+                    .consumer
+                    .seek(&tp.0, tp.1, Offset::Offset(offset), SEEK_TIMEOUT)
+                {
+                    Ok(()) => {
+                        tracing::info!(topic = %tp.0, partition = tp.1, offset, "seek back succeeded on a retry");
+                        pauses.sought(tp.clone(), offset);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, offset, "seek back failed again; retrying");
+                        pauses.seek_failed(tp, offset, now + RESEEK_RETRY_MS);
+                        continue;
+                    }
+                }
+            }
             if !pauses.all {
-                pauses.rewound.remove(tp);
+                pauses.rewound.remove(&tp);
                 tpl.add_partition(&tp.0, tp.1);
             }
         }
@@ -894,5 +948,48 @@ fn commit_due(consumer: &Inner, books: &Books) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "offset commit failed; will retry"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn a_partition_whose_seek_back_failed_is_not_resumed_before_a_seek_succeeds() {
+        let mut pauses = Pauses::default();
+        // Held for its head (not due until 5000); the seek back to offset 7 failed at 1000.
+        pauses.held.insert(tp(0), 5_000);
+        pauses.seek_failed(tp(0), 7, 2_000);
+        assert_eq!(pauses.next_wake(), Some(2_000), "woken for the retry");
+        assert!(pauses.take_due(1_999).is_empty());
+        // Due for the retry: it must be sought back to 7 before it may read again.
+        assert_eq!(pauses.take_due(2_000), vec![(tp(0), Some(7))]);
+        // The retry fails too: still paused, still owed the seek.
+        pauses.seek_failed(tp(0), 7, 3_000);
+        assert_eq!(pauses.take_due(3_000), vec![(tp(0), Some(7))]);
+        // It succeeds: reading goes on from 7, nothing is owed any more.
+        pauses.sought(tp(0), 7);
+        assert_eq!(pauses.read_next.get(&tp(0)), Some(&7));
+        pauses.held.insert(tp(0), 4_000);
+        assert_eq!(pauses.take_due(4_000), vec![(tp(0), None)]);
+    }
+
+    #[test]
+    fn a_failed_seek_keeps_the_lowest_offset_owed() {
+        let mut pauses = Pauses::default();
+        pauses.seek_failed(tp(1), 9, 100);
+        pauses.seek_failed(tp(1), 4, 300);
+        assert_eq!(pauses.held.get(&tp(1)), Some(&100), "the earliest retry");
+        assert_eq!(pauses.take_due(100), vec![(tp(1), Some(4))]);
+        // A seek to a higher offset than owed does not settle the debt.
+        pauses.sought(tp(1), 9);
+        assert_eq!(pauses.reseek.get(&tp(1)), Some(&4));
+        pauses.forget(&tp(1));
+        assert!(pauses.reseek.is_empty() && pauses.held.is_empty());
     }
 }

@@ -34,7 +34,7 @@ pub enum Role {
 
 /// librdkafka keys kstash sets from typed options or for correctness, with the typed key (or
 /// reason) to name in the error.
-const OWNED_KEYS: [(&str, &str); 16] = [
+const OWNED_KEYS: [(&str, &str); 17] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("metadata.broker.list", "kafka.brokers"),
     ("client.id", "kafka.client_id"),
@@ -44,6 +44,10 @@ const OWNED_KEYS: [(&str, &str); 16] = [
     ("linger.ms", "kafka.linger"),
     ("queue.buffering.max.ms", "kafka.linger"),
     ("message.timeout.ms", "kafka.produce_timeout"),
+    (
+        "message.max.bytes",
+        "server.body_limit (records are sized to fit it)",
+    ),
     ("acks", "kstash needs acks=all: accepted means durable"),
     ("enable.idempotence", "kstash needs the idempotent producer"),
     ("enable.auto.commit", "kstash commits only finished offsets"),
@@ -66,6 +70,10 @@ const OWNED_KEYS: [(&str, &str); 16] = [
 const HEARTBEATS_PER_SESSION: u32 = 6;
 /// Upper bound of the consumer fetch wait: keeps delivery latency low on idle partitions.
 const FETCH_WAIT_MAX_MS: &str = "100";
+/// librdkafka's default `fetch.max.bytes`: records up to this size need no consumer setting.
+const FETCH_MAX_BYTES_DEFAULT: usize = 52_428_800;
+/// `receive.message.max.bytes` must exceed `fetch.max.bytes` by the protocol overhead (512 B).
+const RECEIVE_MAX_BYTES_MARGIN: usize = 1024 * 1024;
 
 /// A raw librdkafka option that collides with one kstash sets.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +127,9 @@ pub fn client_config(kafka: &KafkaConfig, role: Role) -> Result<ClientConfig, Co
                 .set("enable.idempotence", "true")
                 .set("linger.ms", millis(kafka.linger))
                 .set("message.timeout.ms", millis(kafka.produce_timeout));
+            if kafka.max_record_bytes > 0 {
+                c.set("message.max.bytes", kafka.max_record_bytes.to_string());
+            }
         }
         Role::Consumer => {
             let heartbeat = kafka.session_timeout / HEARTBEATS_PER_SESSION;
@@ -129,6 +140,15 @@ pub fn client_config(kafka: &KafkaConfig, role: Role) -> Result<ClientConfig, Co
                 .set("session.timeout.ms", millis(kafka.session_timeout))
                 .set("heartbeat.interval.ms", millis(heartbeat))
                 .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS);
+            // librdkafka fetches a record larger than its per-partition limit anyway, but not one
+            // larger than a whole fetch response may be.
+            if kafka.max_record_bytes > FETCH_MAX_BYTES_DEFAULT {
+                c.set("fetch.max.bytes", kafka.max_record_bytes.to_string())
+                    .set(
+                        "receive.message.max.bytes",
+                        (kafka.max_record_bytes + RECEIVE_MAX_BYTES_MARGIN).to_string(),
+                    );
+            }
         }
         Role::Admin => {}
     }

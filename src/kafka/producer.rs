@@ -6,6 +6,7 @@
 //! still fails is an error for the caller to surface, never a silent drop. The producer knows no
 //! record types: it sends any [`Record`] (or raw bytes) to the topic it is told.
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
@@ -18,25 +19,68 @@ use crate::config::KafkaConfig;
 /// Wait between attempts of [`until_acked`].
 const RESEND_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Calls `send` until Kafka acknowledges the record (true) or `shutdown` is requested (false).
-/// For records a stage must hand on before it may count its input as finished.
-pub async fn until_acked<F, Fut>(shutdown: &CancellationToken, what: &str, mut send: F) -> bool
+/// How [`until_acked`] ended.
+#[derive(Debug)]
+pub enum Handed {
+    /// Kafka acknowledged the record.
+    Acked(Ack),
+    /// Kafka refused the record for a reason that retrying cannot change (see [`is_permanent`]).
+    Refused(KafkaError),
+    /// Shutdown was requested first.
+    Shutdown,
+}
+
+/// Calls `send` until Kafka acknowledges the record, refuses it for good, or `shutdown` is
+/// requested. For records a stage must hand on before it may count its input as finished: a
+/// transient error (a broker away, a timeout) is retried for as long as it lasts, a permanent one
+/// is returned at once, so the caller can finish its input some other way instead of holding its
+/// slot and its partition's commit for ever.
+pub async fn until_acked<F, Fut>(shutdown: &CancellationToken, what: &str, mut send: F) -> Handed
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Ack, rdkafka::error::KafkaError>>,
+    Fut: std::future::Future<Output = Result<Ack, KafkaError>>,
 {
     loop {
         match send().await {
-            Ok(_) => return true,
+            Ok(ack) => return Handed::Acked(ack),
+            Err(e) if is_permanent(&e) => return Handed::Refused(e),
             Err(e) => {
                 tracing::warn!(error = %e, what, "kafka did not take a record; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(RESEND_BACKOFF) => {}
-                    _ = shutdown.cancelled() => return false,
+                    _ = shutdown.cancelled() => return Handed::Shutdown,
                 }
             }
         }
     }
+}
+
+/// Whether Kafka (or the client, before sending) refused a record for being too large.
+pub fn is_too_large(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+        )
+    )
+}
+
+/// Whether Kafka (or the client, before sending) refused a record for a reason that sending it
+/// again cannot change: it is too large for the producer's or the topic's limit, or the broker
+/// judged it invalid. Everything else (brokers away, timeouts, leader changes, authorisation that
+/// an operator may yet grant) is transient.
+pub fn is_permanent(e: &KafkaError) -> bool {
+    is_too_large(e)
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::InvalidRecord
+                    | RDKafkaErrorCode::PolicyViolation
+                    | RDKafkaErrorCode::InvalidArgument
+            )
+        )
 }
 
 /// Where a record landed.
@@ -78,7 +122,7 @@ impl Producer {
         key: &str,
         value: Option<&[u8]>,
         headers: &Headers<'_>,
-    ) -> Result<Ack, rdkafka::error::KafkaError> {
+    ) -> Result<Ack, KafkaError> {
         let mut record = FutureRecord::<str, [u8]>::to(topic)
             .key(key)
             .headers(Self::owned_headers(headers));
@@ -107,7 +151,7 @@ impl Producer {
         topic: &str,
         record: &R,
         extra: &Headers<'_>,
-    ) -> Result<Ack, rdkafka::error::KafkaError> {
+    ) -> Result<Ack, KafkaError> {
         let mut headers: Vec<(&str, String)> = vec![Self::schema_header::<R>()];
         headers.extend(extra.iter().cloned());
         self.send_raw(topic, &record.key(), Some(&record.encode()), &headers)
@@ -115,11 +159,7 @@ impl Producer {
     }
 
     /// A tombstone for `key` on the compacted `topic`.
-    pub async fn tombstone(
-        &self,
-        topic: &str,
-        key: &str,
-    ) -> Result<Ack, rdkafka::error::KafkaError> {
+    pub async fn tombstone(&self, topic: &str, key: &str) -> Result<Ack, KafkaError> {
         self.send_raw(topic, key, None, &[]).await
     }
 

@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::embedded::EmbeddedCluster;
 use super::{create_client, Role, SetupError};
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, TOPIC_MAX_MESSAGE_BYTES};
 
 /// How long admin and metadata calls may take at start-up.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -28,6 +28,9 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub config: Vec<(String, String)>,
+    /// The largest record kstash writes to it: an existing topic whose `max.message.bytes` is
+    /// smaller is refused at start-up (a record Kafka refuses is a message that cannot move on).
+    pub min_record_bytes: usize,
 }
 
 /// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists; returns
@@ -48,10 +51,50 @@ pub async fn ensure(
         None if kafka.create_topics => create(kafka, &specs).await?,
         None => {}
     }
-    let kafka = kafka.clone();
-    tokio::task::spawn_blocking(move || check_exist(&kafka, &specs))
-        .await
-        .map_err(|e| SetupError::Topics(e.to_string()))?
+    let counts = {
+        let (kafka, specs) = (kafka.clone(), specs.clone());
+        tokio::task::spawn_blocking(move || check_exist(&kafka, &specs))
+            .await
+            .map_err(|e| SetupError::Topics(e.to_string()))??
+    };
+    // The mock cluster does not describe configs (and takes records of any size).
+    if embedded.is_none() {
+        check_record_limits(kafka, &specs).await?;
+    }
+    Ok(counts)
+}
+
+/// Refuses topics (e.g. created before, or by someone else) whose `max.message.bytes` is below
+/// the largest record kstash writes to them.
+async fn check_record_limits(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {
+    let admin: AdminClient<DefaultClientContext> = create_client(kafka, Role::Admin)?;
+    let resources: Vec<ResourceSpecifier<'_>> = specs
+        .iter()
+        .map(|s| ResourceSpecifier::Topic(&s.name))
+        .collect();
+    let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+    let results = admin.describe_configs(&resources, &options).await?;
+    for (spec, result) in specs.iter().zip(results) {
+        let resource =
+            result.map_err(|e| SetupError::Topics(format!("describe {}: {e}", spec.name)))?;
+        let limit = resource
+            .get(TOPIC_MAX_MESSAGE_BYTES)
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok());
+        match limit {
+            Some(limit) if limit < spec.min_record_bytes => {
+                return Err(SetupError::Topics(format!(
+                    "topic {} takes records of at most {limit} bytes ({TOPIC_MAX_MESSAGE_BYTES}), but server.body_limit needs {} (a callback carries the body base64-encoded twice): raise it with `kafka-configs.sh --alter --entity-type topics --entity-name {} --add-config {TOPIC_MAX_MESSAGE_BYTES}={}`, or lower server.body_limit",
+                    spec.name, spec.min_record_bytes, spec.name, spec.min_record_bytes
+                )));
+            }
+            Some(_) => {}
+            None => {
+                tracing::warn!(topic = %spec.name, "cannot read the topic's {TOPIC_MAX_MESSAGE_BYTES}; not checked")
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn create(kafka: &KafkaConfig, specs: &[TopicSpec]) -> Result<(), SetupError> {

@@ -13,6 +13,7 @@ pub mod event;
 pub mod flow;
 pub mod headers;
 pub mod ids;
+pub mod poison;
 pub mod queue;
 pub mod retry;
 pub mod schedule;

@@ -28,6 +28,7 @@ use crate::model::dedup::DedupRecord;
 use crate::model::dlq::DlqRecord;
 use crate::model::event::Event;
 use crate::model::flow::FlowControlRecord;
+use crate::model::poison::is_poison_key;
 use crate::model::queue::QueueRecord;
 use crate::model::schedule::{ScheduleFire, ScheduleRecord};
 use crate::model::url_group::UrlGroupRecord;
@@ -102,6 +103,8 @@ impl Kind {
         let at = (key, value, partition, offset);
         match self {
             Kind::Events => decode_as::<Event>(at),
+            // Poison records share the dlq topic (`model::poison`); they are not messages.
+            Kind::Dlq if is_poison_key(key) => Ok(None),
             Kind::Dlq => decode_as::<DlqRecord>(at),
             Kind::Cancellations => decode_as::<CancelRecord>(at),
             Kind::Dedup => decode_as::<DedupRecord>(at),

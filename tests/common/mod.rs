@@ -187,6 +187,38 @@ impl TestKafka {
         }
     }
 
+    /// Produces a raw record (as a foreign or a broken writer would) and waits for the ack.
+    pub async fn produce_raw(
+        &self,
+        topic: &str,
+        key: &str,
+        value: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        use rdkafka::message::{Header, OwnedHeaders};
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .create()
+            .unwrap();
+        let headers = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(*v),
+            })
+        });
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(value)
+                    .headers(headers),
+                WAIT,
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+
     /// Committed offset of the delivery group per partition of `topic`, and the high watermarks.
     pub fn committed_and_high(&self, topic: &str) -> Vec<(i64, i64)> {
         let mut c = self.client_config();
@@ -309,7 +341,11 @@ impl Receiver {
             attempts: Mutex::new(HashMap::new()),
             active: active.clone(),
         });
-        let app = Router::new().fallback(record).with_state(state);
+        // Any body size: large-message tests send bodies of many MiB.
+        let app = Router::new()
+            .fallback(record)
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
