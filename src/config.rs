@@ -129,6 +129,10 @@ pub struct TopicConfig {
 #[serde(deny_unknown_fields)]
 pub struct DeliveryConfig {
     pub max_in_flight: usize,
+    pub max_in_flight_per_host: usize,
+    pub breaker_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub breaker_open: Duration,
     pub lane_buffer: usize,
     pub max_buffered: usize,
     #[serde(with = "humantime_serde")]
@@ -294,6 +298,10 @@ impl Config {
                 self.kafka.commit_metadata_max_bytes,
             ),
             ("delivery.max_in_flight", self.delivery.max_in_flight),
+            (
+                "delivery.max_in_flight_per_host",
+                self.delivery.max_in_flight_per_host,
+            ),
             ("delivery.lane_buffer", self.delivery.lane_buffer),
             ("delivery.max_buffered", self.delivery.max_buffered),
             ("delay.max_in_flight", self.delay.max_in_flight),
@@ -325,6 +333,7 @@ impl Config {
             ("delivery.commit_interval", self.delivery.commit_interval),
             ("delivery.timeout", self.delivery.timeout),
             ("delivery.max_timeout", self.delivery.max_timeout),
+            ("delivery.breaker_open", self.delivery.breaker_open),
             ("delay.max_delay", self.delay.max_delay),
             ("flow_control.max_period", self.flow_control.max_period),
             ("state.events_retention", self.state.events_retention),

@@ -14,6 +14,7 @@ pub mod api;
 pub mod config;
 pub mod delay;
 pub mod delivery;
+pub mod health;
 pub mod kafka;
 pub mod listener;
 pub mod model;

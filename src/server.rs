@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, auth::Tokens, AppState};
 use crate::config::Config;
 use crate::delay::{Delayer, Router};
+use crate::delivery::destinations::DestinationLimits;
 use crate::delivery::guard::DestinationPolicy;
 use crate::delivery::http::{HttpDelivery, Timeouts};
 use crate::delivery::outcome::Sink;
 use crate::delivery::Deliverer;
+use crate::health::Health;
 use crate::kafka::consumer::{ConsumerSettings, ParallelConsumer};
 use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
 use crate::kafka::transaction::TxProducer;
@@ -153,6 +155,32 @@ pub async fn start(
         config.state.cache_bytes,
     )?);
     let views = Arc::new(Views::new(store.clone()));
+    let health = Health::default();
+    crate::health::start_probe(&config.kafka, health.clone(), shutdown.clone())?;
+
+    // The API listens from here on: /health answers at once (with the catch-up progress), /v2
+    // answers 503 until the views reflect what Kafka already holds.
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| StartError::Bind(config.server.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| StartError::Bind(config.server.listen, e))?;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let app = api::router(api_state(
+        &config,
+        producer.clone(),
+        views.clone(),
+        in_flight.clone(),
+        health.clone(),
+    ));
+    tasks.spawn(crate::listener::serve(
+        listener,
+        app,
+        config.server.header_read_timeout,
+        shutdown.clone(),
+    ));
+
     let mut caught_up = tail::start(
         &config.kafka,
         names
@@ -160,9 +188,9 @@ pub async fn start(
             .map(|(kind, name)| (name.to_string(), kind))
             .collect(),
         views.clone(),
+        health.clone(),
         shutdown.clone(),
     )?;
-    // Serve only once the views reflect what Kafka already holds.
     let _ = caught_up.wait_for(|c| *c).await;
     tasks.spawn(prune_loop(
         store.clone(),
@@ -196,8 +224,8 @@ pub async fn start(
             max_buffered: config.delivery.max_buffered,
             commit_metadata_max_bytes: config.kafka.commit_metadata_max_bytes,
         },
-    )?;
-    let in_flight = consumer.in_flight_gauge();
+    )?
+    .with_in_flight_gauge(in_flight);
     let sink = Sink {
         producer: producer.clone(),
         router: router.clone(),
@@ -206,7 +234,18 @@ pub async fn start(
     };
     let limits = limits(&config);
     tasks.spawn(consumer.run(
-        Deliverer::new(http, sink, views.clone(), limits.flow, shutdown.clone()),
+        Deliverer::new(
+            http,
+            sink,
+            views.clone(),
+            limits.flow,
+            DestinationLimits {
+                max_in_flight: config.delivery.max_in_flight_per_host,
+                breaker_failures: config.delivery.breaker_failures,
+                breaker_open: config.delivery.breaker_open,
+            },
+            shutdown.clone(),
+        ),
         shutdown.clone(),
     ));
 
@@ -258,21 +297,6 @@ pub async fn start(
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(config.server.listen)
-        .await
-        .map_err(|e| StartError::Bind(config.server.listen, e))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| StartError::Bind(config.server.listen, e))?;
-    let app = api::router(api_state(&config, producer.clone(), views, in_flight));
-    let api_shutdown = shutdown.clone();
-    tasks.spawn(crate::listener::serve(
-        listener,
-        app,
-        config.server.header_read_timeout,
-        api_shutdown,
-    ));
-
     if embedded.is_some() {
         tasks.spawn(truncation_watchdog(
             config.kafka.clone(),
@@ -301,6 +325,7 @@ pub fn api_state(
     producer: Producer,
     views: Arc<Views>,
     in_flight: Arc<AtomicUsize>,
+    health: Health,
 ) -> AppState {
     let names = TopicNames::of(config);
     let router = Router::new(
@@ -331,6 +356,7 @@ pub fn api_state(
         limits: limits(config),
         max_queue_parallelism: config.queues.max_parallelism,
         global_parallelism: (config.delivery.max_in_flight, in_flight),
+        health,
     }
 }
 

@@ -42,6 +42,10 @@ pub enum ApiError {
     /// Every request slot of this process is taken; answered with `Retry-After`.
     #[error("too many requests in progress; retry shortly")]
     Overloaded,
+    /// The process is starting: its views are catching up with Kafka (`GET /health/ready` says
+    /// how far); answered with `Retry-After`.
+    #[error("kstash is starting (catching up with Kafka); retry shortly")]
+    Starting,
 }
 
 impl ApiError {
@@ -55,7 +59,9 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) | ApiError::TooLargeForKafka(_) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::Unavailable(_) | ApiError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded | ApiError::Starting => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -92,7 +98,7 @@ const OVERLOAD_RETRY_AFTER_SECS: &str = "1";
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let overloaded = matches!(self, ApiError::Overloaded);
+        let overloaded = matches!(self, ApiError::Overloaded | ApiError::Starting);
         if overloaded {
             // A load condition, not a fault; one line per refused request would flood the log.
             tracing::debug!("request refused: every request slot is taken");

@@ -9,6 +9,7 @@ pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod flow_control;
+pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod messages;
@@ -22,14 +23,13 @@ pub mod url_groups;
 use axum::extract::MatchedPath;
 use axum::http::Uri;
 use axum::middleware;
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Router;
 use tower_http::trace::TraceLayer;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
+use crate::health::Health;
 use crate::signing::Signer;
 use crate::state::writer::Writer;
 use crate::state::Views;
@@ -54,6 +54,8 @@ pub struct AppState {
     pub global_parallelism: (usize, Arc<AtomicUsize>),
     /// URI and header size, requests in progress, body deadline.
     pub request_limits: limits::RequestLimits,
+    /// Whether the views have caught up and Kafka answers (`/health/*`, the start-up gate).
+    pub health: Health,
 }
 
 impl AppState {
@@ -79,6 +81,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
+            state.health.clone(),
+            health::require_caught_up,
+        ))
+        .layer(middleware::from_fn_with_state(
             state.tokens.clone(),
             auth::require_token,
         ))
@@ -88,7 +94,7 @@ pub fn router(state: AppState) -> Router {
             limits::enforce,
         ));
     Router::new()
-        .route("/health", get(health))
+        .merge(health::router())
         .merge(v2)
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
@@ -102,10 +108,6 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
         .get::<MatchedPath>()
         .map_or("(no route)", MatchedPath::as_str);
     tracing::debug_span!("request", method = %request.method(), route)
-}
-
-async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
 }
 
 async fn not_found(uri: Uri) -> ApiError {

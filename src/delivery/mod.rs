@@ -15,6 +15,7 @@
 //! A record that is not a message this build can read is moved to the dlq topic with the reason
 //! (`crate::poison`), never committed and forgotten.
 
+pub mod destinations;
 pub mod flow;
 pub mod guard;
 pub mod http;
@@ -32,8 +33,8 @@ use crate::kafka::consumer::{Done, Gate, RecordHandler};
 use crate::kafka::lanes::LanePolicy;
 use crate::kafka::record::Record;
 use crate::model::envelope::{
-    Envelope, FLOW_CONTROL_KEY_HEADER, FLOW_CONTROL_KEY_PREFIX, FLOW_CONTROL_VALUE_HEADER,
-    MESSAGE_ID_HEADER, QUEUE_KEY_PREFIX,
+    Envelope, DESTINATION_HEADER, FLOW_CONTROL_KEY_HEADER, FLOW_CONTROL_KEY_PREFIX,
+    FLOW_CONTROL_VALUE_HEADER, MESSAGE_ID_HEADER, QUEUE_KEY_PREFIX,
 };
 use crate::model::event::{Event, State};
 use crate::model::flow::{FlowControl, FlowLimits};
@@ -42,6 +43,7 @@ use crate::model::queue::DEFAULT_PARALLELISM;
 use crate::poison::Quarantine;
 use crate::state::store::Progress;
 use crate::state::Views;
+use destinations::{DestinationLimits, Destinations, DESTINATION_LANE_PREFIX};
 use flow::FlowLimiters;
 use http::{HttpDelivery, Outcome};
 use outcome::{After, Sink};
@@ -55,6 +57,8 @@ pub struct Deliverer {
     sink: Sink,
     views: Arc<Views>,
     limiters: FlowLimiters,
+    /// The per-destination bound and circuit breakers.
+    destinations: Destinations,
     /// Bounds for flow-control values read back from records (never above what the API took).
     flow_limits: FlowLimits,
     /// Where records that are not messages this build can read go.
@@ -68,6 +72,7 @@ impl Deliverer {
         sink: Sink,
         views: Arc<Views>,
         flow_limits: FlowLimits,
+        destination_limits: DestinationLimits,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         let quarantine = Quarantine::new(
@@ -82,6 +87,7 @@ impl Deliverer {
             quarantine,
             views,
             limiters: FlowLimiters::default(),
+            destinations: Destinations::new(destination_limits),
             flow_limits,
             shutdown: shutdown.clone(),
         });
@@ -101,6 +107,10 @@ impl Deliverer {
                         kept = d.limiters.len(),
                         "idle flow-control limiters dropped"
                     );
+                }
+                let dropped = d.destinations.sweep();
+                if dropped > 0 {
+                    tracing::debug!(dropped, "idle destinations dropped");
                 }
             }
         });
@@ -167,7 +177,11 @@ impl Deliverer {
             Ok(request) => {
                 self.sink
                     .enqueue_event(&Event::new(&envelope, State::Active, now_ms()));
-                self.http.call(request).await
+                let outcome = self.http.call(request).await;
+                if let Some(destination) = header(&record, DESTINATION_HEADER) {
+                    self.destinations.record(destination, &outcome);
+                }
+                outcome
             }
             Err(reason) => Outcome::Error(reason),
         };
@@ -183,7 +197,7 @@ impl Deliverer {
 }
 
 /// The value of Kafka header `name` of `record`, as text.
-fn header<'a>(record: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+fn header<'a, M: Message>(record: &'a M, name: &str) -> Option<&'a str> {
     record
         .headers()?
         .iter()
@@ -210,6 +224,12 @@ impl RecordHandler for Deliverer {
                 parallelism: usize::try_from(parallelism).unwrap_or(usize::MAX),
                 paused,
             }
+        } else if let Some(destination) = lane.strip_prefix(DESTINATION_LANE_PREFIX) {
+            // The destination's bound is its gate; an open breaker pauses its lanes.
+            LanePolicy {
+                paused: self.destinations.is_open(destination),
+                ..LanePolicy::UNLIMITED
+            }
         } else if let Some(key) = lane.strip_prefix(FLOW_CONTROL_KEY_PREFIX) {
             // The key's parallelism and rate are enforced by its gate.
             LanePolicy {
@@ -221,11 +241,19 @@ impl RecordHandler for Deliverer {
         }
     }
 
-    async fn gate(&self, record: &OwnedMessage) -> Gate {
-        let Some(values) = self.flow_control(record) else {
-            return Gate::none();
+    fn try_gate(&self, record: &BorrowedMessage<'_>) -> Result<Gate, String> {
+        let Some(destination) = header(record, DESTINATION_HEADER) else {
+            return Ok(Gate::none());
         };
-        // A cancelled message takes no start from its key: it is only marked CANCELED.
+        match self.destinations.try_acquire(destination) {
+            Some(permit) => Ok(Gate::hold(permit)),
+            None => Err(format!("{DESTINATION_LANE_PREFIX}{destination}")),
+        }
+    }
+
+    async fn gate(&self, record: &OwnedMessage) -> Gate {
+        // A cancelled message takes no start from its key or its destination: it is only marked
+        // CANCELED.
         if let Some(message_id) = header(record, MESSAGE_ID_HEADER) {
             if matches!(
                 self.views.store.progress(message_id),
@@ -234,17 +262,30 @@ impl RecordHandler for Deliverer {
                 return Gate::none();
             }
         }
-        let views = self.views.clone();
-        let key = values.key.clone();
-        let permit = self
-            .limiters
-            .acquire(
-                &values,
-                move || views.flow.get(&key),
-                self.views.settings_changes(),
-            )
-            .await;
-        Gate::hold(permit)
+        let flow = match self.flow_control(record) {
+            Some(values) => {
+                let views = self.views.clone();
+                let key = values.key.clone();
+                let permit = self
+                    .limiters
+                    .acquire(
+                        &values,
+                        move || views.flow.get(&key),
+                        self.views.settings_changes(),
+                    )
+                    .await;
+                Some(permit)
+            }
+            None => None,
+        };
+        let destination = match header(record, DESTINATION_HEADER) {
+            Some(destination) => Some(self.destinations.acquire(destination).await),
+            None => None,
+        };
+        if flow.is_none() && destination.is_none() {
+            return Gate::none();
+        }
+        Gate::hold((flow, destination))
     }
 
     fn policy_changes(&self) -> Option<watch::Receiver<u64>> {

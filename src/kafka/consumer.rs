@@ -113,6 +113,13 @@ pub trait RecordHandler: Send + Sync + 'static {
         None
     }
 
+    /// For a record without a lane: `Ok(gate)` starts it now, holding `gate` (limits that had
+    /// room at once); `Err(lane)` makes it wait in `lane`, whose [gate](RecordHandler::gate) then
+    /// waits for those limits (a destination at its bound).
+    fn try_gate(&self, _record: &BorrowedMessage<'_>) -> Result<Gate, String> {
+        Ok(Gate::none())
+    }
+
     /// How lane `lane` may run now.
     fn policy(&self, _lane: &str) -> LanePolicy {
         LanePolicy::UNLIMITED
@@ -403,6 +410,13 @@ impl ParallelConsumer {
         self.in_flight.clone()
     }
 
+    /// Keeps the in-flight count in `gauge` (one made before the consumer, e.g. for an API
+    /// that starts first).
+    pub fn with_in_flight_gauge(mut self, gauge: Arc<AtomicUsize>) -> Self {
+        self.in_flight = gauge;
+        self
+    }
+
     /// Consumes until `shutdown`, then drains and commits.
     pub async fn run<H: RecordHandler>(self, handler: Arc<H>, shutdown: CancellationToken) {
         let closing = ClosingOnDrop(self.books.clone());
@@ -507,8 +521,12 @@ impl ParallelConsumer {
             self.hand_back(topic, partition, offset);
             return true;
         }
-        match rt.handler.lane(m) {
-            None => {
+        let lane = match rt.handler.lane(m) {
+            Some(key) => Err(key),
+            None => rt.handler.try_gate(m),
+        };
+        match lane {
+            Ok(gate) => {
                 let Some(permit) = self.next_permit(&rt.permits, &rt.shutdown).await else {
                     // Not held: read again by whoever consumes the partition next.
                     return false;
@@ -520,13 +538,13 @@ impl ParallelConsumer {
                         record: m.detach(),
                         ticket,
                     },
-                    Gate::none(),
+                    gate,
                     Some(permit),
                     None,
                 );
                 rt.tasks.spawn(task);
             }
-            Some(key) => {
+            Err(key) => {
                 let ticket = lock(&self.books.tracker).hold(topic, partition, offset);
                 let id = LaneId {
                     topic: topic.to_string(),

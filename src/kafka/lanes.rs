@@ -1,11 +1,11 @@
 //! Lanes: the per-key ordering and bounds inside a partition consumer (see
 //! `docs/architecture.md`, "Lanes").
 //!
-//! A record may belong to a *lane*, named by its Kafka key (a queue, a flow-control key; later a
-//! destination host). A lane starts its records in offset order, at most `parallelism` at a time,
-//! and not at all while paused; records without a lane start at once. Each lane has its own
-//! dispatcher (in `consumer.rs`); this file is the bookkeeping it runs on, kept free of I/O so it
-//! is tested on its own.
+//! A record may belong to a *lane*, named by its Kafka key (a queue, a flow-control key) or by its
+//! destination when that is at its bound. A lane starts its records in offset order, at most
+//! `parallelism` at a time, and not at all while paused; records without a lane start at once.
+//! Each lane has its own dispatcher (in `consumer.rs`); this file is the bookkeeping it runs on,
+//! kept free of I/O so it is tested on its own.
 //!
 //! Memory is bounded twice: a lane keeps at most `lane_buffer` records waiting, all lanes together
 //! at most `max_buffered`. A record that would exceed a bound is not kept: the lane is *parked* at

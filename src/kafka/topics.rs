@@ -19,6 +19,8 @@ use crate::config::{KafkaConfig, TOPIC_MAX_MESSAGE_BYTES};
 
 /// How long admin and metadata calls may take at start-up.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How librdkafka's mock cluster names itself (`rdkafka_mock.c`).
+const MOCK_CLUSTER_ID_PREFIX: &str = "mockCluster";
 /// How often start-up re-reads metadata while waiting for new topics to appear.
 const METADATA_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -57,11 +59,25 @@ pub async fn ensure(
             .await
             .map_err(|e| SetupError::Topics(e.to_string()))??
     };
-    // The mock cluster does not describe configs (and takes records of any size).
-    if embedded.is_none() {
+    // The mock cluster does not describe configs (and takes records of any size), also when a
+    // child process uses one as a plain broker.
+    if embedded.is_none() && !is_mock_cluster(kafka).await? {
         check_record_limits(kafka, &specs).await?;
     }
     Ok(counts)
+}
+
+/// Whether the cluster is librdkafka's mock cluster (its ids start with [`MOCK_CLUSTER_ID_PREFIX`]).
+async fn is_mock_cluster(kafka: &KafkaConfig) -> Result<bool, SetupError> {
+    let client: BaseConsumer = create_client(kafka, Role::Admin)?;
+    tokio::task::spawn_blocking(move || {
+        client
+            .client()
+            .fetch_cluster_id(ADMIN_TIMEOUT)
+            .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX))
+    })
+    .await
+    .map_err(|e| SetupError::Topics(e.to_string()))
 }
 
 /// Refuses topics (e.g. created before, or by someone else) whose `max.message.bytes` is below

@@ -12,8 +12,8 @@
 //! partition, so one consumer owns a queue or a flow-control key, and the delivery stage reads the
 //! lane a record belongs to off its key alone. The message id and its flow-control settings also
 //! travel as Kafka headers ([`MESSAGE_ID_HEADER`], [`FLOW_CONTROL_KEY_HEADER`],
-//! [`FLOW_CONTROL_VALUE_HEADER`]), so the delivery stage can apply them before it decodes the
-//! value.
+//! [`FLOW_CONTROL_VALUE_HEADER`]), and so does its destination host ([`DESTINATION_HEADER`]), so
+//! the delivery stage can apply them before it decodes the value.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -34,6 +34,9 @@ pub const MESSAGE_ID_HEADER: &str = "kstash-message-id";
 pub const FLOW_CONTROL_KEY_HEADER: &str = "kstash-flow-control-key";
 /// Kafka header carrying the message's flow-control values (canonical `FlowControl::value`).
 pub const FLOW_CONTROL_VALUE_HEADER: &str = "kstash-flow-control-value";
+/// Kafka header carrying the message's destination (`host[:port]`, lower case), for the
+/// per-destination bound and circuit breaker.
+pub const DESTINATION_HEADER: &str = "kstash-destination";
 
 /// Schema version written by this build.
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -109,15 +112,30 @@ impl Envelope {
         }
     }
 
-    /// Kafka headers beside the value: the message id, and the flow-control settings if any.
+    /// Kafka headers beside the value: the message id, its destination, and the flow-control
+    /// settings if any.
     pub fn kafka_headers(&self) -> Vec<(&'static str, String)> {
         let mut headers = vec![(MESSAGE_ID_HEADER, self.message_id.clone())];
+        if let Some(destination) = destination_of(&self.url) {
+            headers.push((DESTINATION_HEADER, destination));
+        }
         if let Some(fc) = &self.flow_control {
             headers.push((FLOW_CONTROL_KEY_HEADER, fc.key.clone()));
             headers.push((FLOW_CONTROL_VALUE_HEADER, fc.value()));
         }
         headers
     }
+}
+
+/// The destination a URL names for the per-destination bound: `host[:port]` in lower case
+/// (the port only when it is not the scheme's default); `None` for a URL without a host.
+pub fn destination_of(url: &str) -> Option<String> {
+    let url = url::Url::parse(url).ok()?;
+    let host = url.host_str()?.to_ascii_lowercase();
+    Some(match url.port() {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    })
 }
 
 impl JsonRecord for Envelope {
@@ -216,15 +234,39 @@ mod tests {
         e.queue_name = None;
         assert_eq!(e.ordering_key(), "f:tenant-1");
         assert_eq!(
-            e.kafka_headers()[1],
+            e.kafka_headers()[2],
             (FLOW_CONTROL_KEY_HEADER, "tenant-1".into())
         );
         e.flow_control = None;
         assert_eq!(e.ordering_key(), "msg_1");
         assert_eq!(
             e.kafka_headers(),
-            vec![(MESSAGE_ID_HEADER, "msg_1".to_string())]
+            vec![
+                (MESSAGE_ID_HEADER, "msg_1".to_string()),
+                (DESTINATION_HEADER, "example.com".to_string())
+            ]
         );
+    }
+
+    #[test]
+    fn the_destination_is_the_host_and_a_non_default_port() {
+        assert_eq!(
+            destination_of("https://API.example.com/a?b").as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            destination_of("http://127.0.0.1:8080/x").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            destination_of("http://example.com:80/").as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            destination_of("http://[::1]:9/").as_deref(),
+            Some("[::1]:9")
+        );
+        assert_eq!(destination_of("not a url"), None);
     }
 
     /// The schema under `schemas/` is the published contract: every field we write must be in

@@ -65,6 +65,7 @@ pub(crate) mod schema_test {
             "url_group.v1.json" => include_str!("../../schemas/url_group.v1.json"),
             "schedule.v1.json" => include_str!("../../schemas/schedule.v1.json"),
             "schedule_fire.v1.json" => include_str!("../../schemas/schedule_fire.v1.json"),
+            "poison.v1.json" => include_str!("../../schemas/poison.v1.json"),
             other => panic!("unknown schema {other}"),
         };
         serde_json::from_str(text).expect("schema is JSON")

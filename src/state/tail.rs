@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Kind, Views};
 use crate::config::KafkaConfig;
+use crate::health::Health;
 use crate::kafka::{create_client, Role, SetupError};
 
 /// How long one poll waits for records.
@@ -39,6 +40,7 @@ pub fn start(
     kafka: &KafkaConfig,
     topics: Vec<(String, Kind)>,
     views: Arc<Views>,
+    health: Health,
     shutdown: CancellationToken,
 ) -> Result<watch::Receiver<bool>, SetupError> {
     let mut config = kafka.clone();
@@ -65,7 +67,14 @@ pub fn start(
     }
     consumer.assign(&assignment)?;
     let (tx, rx) = watch::channel(remaining.is_empty());
-    tokio::task::spawn_blocking(move || run(consumer, kinds, remaining, views, tx, shutdown));
+    if remaining.is_empty() {
+        health.caught_up(0);
+    } else {
+        health.catching_up(0, remaining.len());
+    }
+    tokio::task::spawn_blocking(move || {
+        run(consumer, kinds, remaining, views, tx, health, shutdown)
+    });
     Ok(rx)
 }
 
@@ -93,6 +102,7 @@ fn run(
     mut remaining: HashMap<(String, i32), i64>,
     views: Arc<Views>,
     caught_up: watch::Sender<bool>,
+    health: Health,
     shutdown: CancellationToken,
 ) {
     let started = std::time::Instant::now();
@@ -151,8 +161,12 @@ fn run(
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "state caught up"
                 );
+                health.caught_up(applied);
                 let _ = caught_up.send(true);
-            } else if last_progress.elapsed() >= PROGRESS_EVERY {
+            } else {
+                health.catching_up(applied, remaining.len());
+            }
+            if !remaining.is_empty() && last_progress.elapsed() >= PROGRESS_EVERY {
                 last_progress = std::time::Instant::now();
                 tracing::info!(
                     records = applied,
