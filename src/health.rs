@@ -9,6 +9,7 @@
 //! up (their answers would be wrong before); an unreachable Kafka makes writes answer 503 on their
 //! own, and reads from the views stay correct.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,6 +36,8 @@ struct Inner {
     /// Unix ms of the last successful probe; 0 before the first.
     kafka_ok_at: AtomicI64,
     kafka_error: Mutex<Option<String>>,
+    /// How far the views have read each partition of the state topics: the next offset.
+    view_positions: Mutex<HashMap<(String, i32), i64>>,
 }
 
 /// The process's health, shared by the tailer, the probe and the API.
@@ -88,6 +91,29 @@ impl Health {
             }
             Err(e) => *error = Some(e),
         }
+    }
+
+    /// The views have applied `topic`/`partition` up to `next_offset` (exclusive).
+    pub fn viewed(&self, topic: &str, partition: i32, next_offset: i64) {
+        let mut positions = self
+            .0
+            .view_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let position = positions
+            .entry((topic.to_string(), partition))
+            .or_insert(next_offset);
+        *position = (*position).max(next_offset);
+    }
+
+    /// How far the views have read `topic`/`partition` (the next offset), if they read any of it.
+    pub fn view_position(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.0
+            .view_positions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_string(), partition))
+            .copied()
     }
 
     pub fn report(&self, now: i64) -> Report {

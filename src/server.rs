@@ -1,5 +1,6 @@
 //! Starting and stopping a kstash process: topics, producer, views, API, delivery worker, delay
-//! stage, and (on the embedded cluster) the truncation watchdog, all under one cancellation token.
+//! stage, and (on the embedded cluster) the watch over what its partitions still hold, all under one
+//! cancellation token.
 //!
 //! `start` returns once everything is listening, so a caller (main, or a test) can use the API at
 //! once; `stop` is the graceful path (stop taking work, drain, commit, flush). A crash needs no
@@ -23,7 +24,8 @@ use crate::delivery::outcome::Sink;
 use crate::delivery::Deliverer;
 use crate::health::Health;
 use crate::kafka::consumer::{ConsumerSettings, ParallelConsumer};
-use crate::kafka::embedded::{truncation_watchdog, EmbeddedCluster};
+use crate::kafka::dev_room::{self, Needs, Room};
+use crate::kafka::embedded::EmbeddedCluster;
 use crate::kafka::transaction::TxProducer;
 use crate::kafka::{self, Producer, Role, SetupError};
 use crate::model::flow::FlowLimits;
@@ -135,7 +137,12 @@ pub async fn start(
         ))
         .into());
     }
-    let producer = Producer::new(&config.kafka)?;
+    // On the embedded cluster, what each partition still needs is counted (`dev_room.rs`).
+    let room = embedded.as_ref().map(|_| Arc::new(Room::default()));
+    let mut producer = Producer::new(&config.kafka)?;
+    if let Some(room) = &room {
+        producer = producer.with_room(room.clone());
+    }
     let router = Router::new(
         producer.clone(),
         topics::ladder(&config),
@@ -167,13 +174,15 @@ pub async fn start(
         .local_addr()
         .map_err(|e| StartError::Bind(config.server.listen, e))?;
     let in_flight = Arc::new(AtomicUsize::new(0));
-    let app = api::router(api_state(
+    let mut state = api_state(
         &config,
         producer.clone(),
         views.clone(),
         in_flight.clone(),
         health.clone(),
-    ));
+    );
+    state.dev_room.clone_from(&room);
+    let app = api::router(state);
     tasks.spawn(crate::listener::serve(
         listener,
         app,
@@ -297,11 +306,30 @@ pub async fn start(
         }
     });
 
-    if embedded.is_some() {
-        tasks.spawn(truncation_watchdog(
+    if let Some(room) = room {
+        let count = |topic: &str| partitions.get(topic).copied().unwrap_or_default();
+        let health = health.clone();
+        let needs = Needs {
+            groups: vec![
+                (
+                    config.kafka.group_id.clone(),
+                    vec![(names.ready.clone(), count(&names.ready))],
+                ),
+                (
+                    config.kafka.delay_group_id.clone(),
+                    names.delay.iter().map(|t| (t.clone(), count(t))).collect(),
+                ),
+            ],
+            views: names
+                .state_topics()
+                .map(|(_, t)| (t.to_string(), count(t)))
+                .collect(),
+            view_position: Arc::new(move |topic, partition| health.view_position(topic, partition)),
+        };
+        tasks.spawn(dev_room::watch(
             config.kafka.clone(),
-            names.ready,
-            config.topic(topics::READY).partitions,
+            room,
+            needs,
             config.dev.watchdog_interval,
             shutdown.clone(),
         ));
@@ -357,6 +385,7 @@ pub fn api_state(
         max_queue_parallelism: config.queues.max_parallelism,
         global_parallelism: (config.delivery.max_in_flight, in_flight),
         health,
+        dev_room: None,
     }
 }
 

@@ -56,6 +56,9 @@ pub struct AppState {
     pub request_limits: limits::RequestLimits,
     /// Whether the views have caught up and Kafka answers (`/health/*`, the start-up gate).
     pub health: Health,
+    /// On the embedded cluster (`kstash dev`): what its partitions still hold, so a publish that
+    /// would make it drop needed records is refused.
+    pub dev_room: Option<Arc<crate::kafka::dev_room::Room>>,
 }
 
 impl AppState {

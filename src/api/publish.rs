@@ -32,6 +32,7 @@ use super::error::ApiError;
 use super::limits::read_body;
 use super::messages::query_store;
 use super::AppState;
+use crate::kafka::record::Record;
 use crate::model::dedup::{DedupRecord, DEDUP_VERSION};
 use crate::model::destination::{self, Destination};
 use crate::model::envelope::Envelope;
@@ -284,9 +285,30 @@ async fn remember(state: &AppState, key: Option<String>, envelope: &Envelope) {
     }
 }
 
+/// On `kstash dev`: refuses (503) messages the embedded cluster has no room for without dropping
+/// records still needed (`kafka::dev_room`). Each message is one record on the ready topic or
+/// the ladder and one CREATED event a little larger, each on a partition not known before.
+fn admit_on_dev(state: &AppState, envelopes: &[Envelope]) -> Result<(), ApiError> {
+    let Some(room) = &state.dev_room else {
+        return Ok(());
+    };
+    let largest = envelopes
+        .iter()
+        .map(|e| e.encode().len() as u64)
+        .max()
+        .unwrap_or_default();
+    let per_partition = largest.saturating_mul(envelopes.len() as u64);
+    room.admit(per_partition + per_partition / CREATED_EVENT_OVERHEAD_DIVISOR)
+        .map_err(|full| ApiError::Unavailable(full.to_string()))
+}
+
+/// A CREATED event is its envelope plus a few fields: at most a quarter more.
+const CREATED_EVENT_OVERHEAD_DIVISOR: u64 = 4;
+
 /// Stores a new message: the envelope (ready topic or delay ladder) and its CREATED event. Answers
 /// 503 when Kafka did not take the envelope.
 pub async fn accept(state: &AppState, envelope: &Envelope) -> Result<(), ApiError> {
+    admit_on_dev(state, std::slice::from_ref(envelope))?;
     let ack = state
         .writer
         .accept(envelope)

@@ -3,21 +3,14 @@
 //! It speaks the real Kafka protocol on loopback ports, so every other part of kstash talks to it
 //! exactly as to a real broker (same clients, same code path). Its limits shape this
 //! file: topics are created through the mock API (CreateTopics hangs), group joins are
-//! sped up through one FFI call, and each partition silently keeps only ~5 MiB, which the
-//! truncation watchdog turns into a loud error instead of quiet data loss.
+//! sped up through one FFI call, and each partition silently keeps only ~5 MiB, which
+//! `dev_room.rs` accounts for: publishes are refused before needed records would be dropped.
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tokio_util::sync::CancellationToken;
-
-use crate::config::KafkaConfig;
+use rdkafka::ClientConfig;
 
 /// Brokers in the embedded cluster. One: tests stop it with `broker_down(1)`.
 pub const EMBEDDED_BROKERS: i32 = 1;
@@ -27,8 +20,6 @@ pub const EMBEDDED_BROKER_ID: i32 = 1;
 const INITIAL_REBALANCE_DELAY_MS: i32 = 50;
 /// Replication factor on the embedded cluster (a single broker).
 const EMBEDDED_REPLICATION: i32 = 1;
-/// Timeout for the watchdog's metadata look-ups.
-const WATCHDOG_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An in-process Kafka cluster; lives as long as this value.
 pub struct EmbeddedCluster {
@@ -99,81 +90,4 @@ impl EmbeddedCluster {
             }
         }
     }
-}
-
-/// Watches `topic` for records the embedded cluster dropped before the consumer group finished
-/// with them: a partition whose low watermark has passed the group's committed offset lost data.
-/// Runs until `shutdown`; reports each loss once, loudly.
-pub async fn truncation_watchdog(
-    kafka: KafkaConfig,
-    topic: String,
-    partitions: i32,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let consumer: Arc<BaseConsumer> = match super::create_client(&kafka, super::Role::Consumer) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!(error = %e, "truncation watchdog could not start");
-            return;
-        }
-    };
-    let mut reported = vec![-1i64; usize::try_from(partitions).unwrap_or_default()];
-    let mut ticker = tokio::time::interval(interval);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
-        let (consumer, topic_name) = (consumer.clone(), topic.clone());
-        let check =
-            tokio::task::spawn_blocking(move || find_lost(&consumer, &topic_name, partitions))
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-        match check {
-            Ok(lost) => {
-                for (partition, committed, low) in lost {
-                    let slot = &mut reported[usize::try_from(partition).unwrap_or_default()];
-                    if *slot < low {
-                        *slot = low;
-                        tracing::error!(
-                            topic = %topic, partition, committed, low_watermark = low,
-                            lost = low - committed,
-                            "EMBEDDED KAFKA DROPPED RECORDS: the dev cluster keeps only ~5 MiB per partition and discarded records that were not yet delivered; use `kstash serve` with a real Kafka for this volume"
-                        );
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "truncation watchdog query failed"),
-        }
-    }
-}
-
-/// Partitions of `topic` whose low watermark passed the committed offset:
-/// `(partition, committed, low watermark)`.
-fn find_lost(
-    consumer: &BaseConsumer,
-    topic: &str,
-    partitions: i32,
-) -> Result<Vec<(i32, i64, i64)>, String> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, WATCHDOG_QUERY_TIMEOUT)
-        .map_err(|e| e.to_string())?;
-    let mut lost = Vec::new();
-    for elem in committed.elements() {
-        let Offset::Offset(committed) = elem.offset() else {
-            continue;
-        };
-        let (low, _) = consumer
-            .fetch_watermarks(topic, elem.partition(), WATCHDOG_QUERY_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        if low > committed {
-            lost.push((elem.partition(), committed, low));
-        }
-    }
-    Ok(lost)
 }

@@ -7,6 +7,7 @@
 
 pub mod commit_metadata;
 pub mod consumer;
+pub mod dev_room;
 pub mod embedded;
 pub mod group;
 pub mod lanes;

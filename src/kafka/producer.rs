@@ -12,6 +12,9 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::util::Timeout;
 use tokio_util::sync::CancellationToken;
 
+use std::sync::Arc;
+
+use super::dev_room::Room;
 use super::record::{Record, SCHEMA_HEADER};
 use super::{create_client, Role, SetupError};
 use crate::config::KafkaConfig;
@@ -96,13 +99,28 @@ pub type Headers<'a> = [(&'a str, String)];
 #[derive(Clone)]
 pub struct Producer {
     inner: FutureProducer,
+    /// On the embedded cluster: told of every acknowledged record (`dev_room.rs`).
+    room: Option<Arc<Room>>,
 }
 
 impl Producer {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, SetupError> {
         Ok(Producer {
             inner: create_client(kafka, Role::Producer)?,
+            room: None,
         })
+    }
+
+    /// Reports every acknowledged record to `room` (the embedded cluster's accounting).
+    pub fn with_room(mut self, room: Arc<Room>) -> Self {
+        self.room = Some(room);
+        self
+    }
+
+    fn acked(&self, topic: &str, partition: i32, offset: i64, bytes: usize) {
+        if let Some(room) = &self.room {
+            room.record(topic, partition, offset, bytes as u64);
+        }
     }
 
     fn owned_headers(headers: &Headers<'_>) -> OwnedHeaders {
@@ -129,12 +147,21 @@ impl Producer {
         if let Some(value) = value {
             record = record.payload(value);
         }
+        let bytes = key.len()
+            + value.map_or(0, <[u8]>::len)
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         // The wait is bounded by message.timeout.ms (kafka.produce_timeout).
         match self.inner.send(record, Timeout::Never).await {
-            Ok(delivery) => Ok(Ack {
-                partition: delivery.partition,
-                offset: delivery.offset,
-            }),
+            Ok(delivery) => {
+                self.acked(topic, delivery.partition, delivery.offset, bytes);
+                Ok(Ack {
+                    partition: delivery.partition,
+                    offset: delivery.offset,
+                })
+            }
             Err((e, _)) => Err(e),
         }
     }
@@ -175,12 +202,23 @@ impl Producer {
             .key(key.as_ref())
             .payload(value.as_slice())
             .headers(headers);
+        let bytes = key.len() + value.len() + SCHEMA_HEADER.len() + R::schema_header().len();
         match self.inner.send_result(future_record) {
             Ok(ack) => {
                 let key = key.into_owned();
+                let (room, topic) = (self.room.clone(), topic.to_string());
                 tokio::spawn(async move {
                     match ack.await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(delivery)) => {
+                            if let Some(room) = room {
+                                room.record(
+                                    &topic,
+                                    delivery.partition,
+                                    delivery.offset,
+                                    bytes as u64,
+                                );
+                            }
+                        }
                         Ok(Err((e, _))) => tracing::warn!(key, error = %e, "record not stored"),
                         Err(_) => tracing::warn!(key, "record dropped by the producer"),
                     }

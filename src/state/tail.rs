@@ -110,6 +110,8 @@ fn run(
     let mut applied: u64 = 0;
     while !shutdown.is_cancelled() {
         let mut batch = Vec::new();
+        // The next offset of each partition read in this batch, for `Health::viewed`.
+        let mut read: HashMap<(String, i32), i64> = HashMap::new();
         while batch.len() < BATCH_MAX {
             let timeout = if batch.is_empty() {
                 POLL_TIMEOUT
@@ -119,6 +121,7 @@ fn run(
             match consumer.poll(timeout) {
                 Some(Ok(m)) => {
                     let tp = (m.topic().to_string(), m.partition());
+                    read.insert(tp.clone(), m.offset() + 1);
                     if remaining
                         .get(&tp)
                         .is_some_and(|high| m.offset() + 1 >= *high)
@@ -152,6 +155,9 @@ fn run(
                 }
                 std::thread::sleep(STORE_RETRY);
             }
+        }
+        for ((topic, partition), next) in read {
+            health.viewed(&topic, partition, next);
         }
         if !*caught_up.borrow() {
             drop_reached(&consumer, &mut remaining);
