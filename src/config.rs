@@ -200,6 +200,8 @@ pub struct StateConfig {
     #[serde(with = "humantime_serde")]
     pub dedup_window: Duration,
     pub cache_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub long_delay_after: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -339,6 +341,7 @@ impl Config {
             ("state.events_retention", self.state.events_retention),
             ("state.prune_interval", self.state.prune_interval),
             ("state.dedup_window", self.state.dedup_window),
+            ("state.long_delay_after", self.state.long_delay_after),
             ("dev.watchdog_interval", self.dev.watchdog_interval),
         ];
         for (name, value) in positive_durations {
@@ -366,6 +369,23 @@ impl Config {
         }
         if self.delivery.default_retries > self.delivery.max_retries {
             return invalid("delivery.default_retries must not exceed delivery.max_retries".into());
+        }
+        let events_topic_ms = self
+            .topic("events")
+            .config
+            .get("retention.ms")
+            .and_then(|v| v.trim().parse::<i64>().ok())
+            .filter(|ms| *ms >= 0)
+            .map(|ms| Duration::from_millis(ms.unsigned_abs()));
+        for (name, keeps) in [
+            ("state.events_retention", Some(self.state.events_retention)),
+            ("topics.events.config.\"retention.ms\"", events_topic_ms),
+        ] {
+            if keeps.is_some_and(|keeps| self.state.long_delay_after >= keeps) {
+                return invalid(format!(
+                    "state.long_delay_after must be shorter than {name}: a message waiting longer than the events are kept is found through state.pending only"
+                ));
+            }
         }
         if self.dev.partitions < 1 {
             return invalid("dev.partitions must be at least 1".into());

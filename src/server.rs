@@ -240,6 +240,7 @@ pub async fn start(
         router: router.clone(),
         events: names.state(Kind::Events).to_string(),
         dlq: names.state(Kind::Dlq).to_string(),
+        pending: names.state(Kind::Pending).to_string(),
     };
     let limits = limits(&config);
     tasks.spawn(consumer.run(
@@ -374,6 +375,7 @@ pub fn api_state(
                 format!("{}-api-{}", config.kafka.client_id, ids::instance_id()),
                 config.kafka.transaction_timeout,
             ),
+            config.state.long_delay_after,
         ),
         signer: Signer::new(&config.signing.current_key, &config.signing.next_key),
         dedup_window: config.state.dedup_window,

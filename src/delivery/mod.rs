@@ -147,6 +147,7 @@ impl Deliverer {
                 if let Err(e) = self.sink.event(&event).await {
                     tracing::error!(error = %e, "could not record the CANCELED event");
                 }
+                self.sink.finished(&self.shutdown, &envelope).await;
                 return Done::Finished;
             }
             Progress::Finished => {

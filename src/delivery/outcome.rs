@@ -49,6 +49,8 @@ pub struct Sink {
     pub events: String,
     /// The DLQ topic.
     pub dlq: String,
+    /// The pending topic (records of messages that wait long, `model::pending`).
+    pub pending: String,
 }
 
 impl Sink {
@@ -65,6 +67,26 @@ impl Sink {
     /// Queues an event without waiting (see `Producer::enqueue`).
     pub fn enqueue_event(&self, event: &Event) {
         self.producer.enqueue(&self.events, event);
+    }
+
+    /// Removes the pending record of a finished message that waited long (`model::pending`); a
+    /// failure leaves the record, which the views then ignore while the message's events say it
+    /// finished.
+    pub async fn finished(&self, shutdown: &CancellationToken, envelope: &Envelope) {
+        if !envelope.long_delay {
+            return;
+        }
+        let id = envelope.message_id.as_str();
+        let removed = until_acked(shutdown, "pending record removal", || {
+            self.producer.tombstone(&self.pending, id)
+        })
+        .await;
+        if !matches!(removed, Handed::Acked(_)) {
+            tracing::warn!(
+                message_id = id,
+                "pending record of a finished message not removed"
+            );
+        }
     }
 
     /// Stores a dead-letter record.
@@ -337,6 +359,9 @@ pub async fn handle(
         if let Err(e) = sink.event(&event).await {
             tracing::error!(error = %e, state = ?event.state, "could not record an event");
         }
+    }
+    if matches!(decision, Decision::Delivered | Decision::Fail) {
+        sink.finished(shutdown, envelope).await;
     }
     after
 }

@@ -98,6 +98,7 @@ impl Callback {
             topic_name: None,
             endpoint_name: None,
             schedule_id: None,
+            long_delay: false,
         }
     }
 }

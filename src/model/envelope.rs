@@ -100,6 +100,10 @@ pub struct Envelope {
     /// The schedule that published the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_id: Option<String>,
+    /// It waits longer than the event log may keep its CREATED event, so it also has a record on
+    /// `state.pending` until it finishes (`model::pending`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub long_delay: bool,
 }
 
 impl Envelope {
@@ -202,6 +206,7 @@ pub(crate) fn sample() -> Envelope {
         topic_name: Some("group".into()),
         endpoint_name: Some("first".into()),
         schedule_id: Some("scd_1".into()),
+        long_delay: true,
     }
 }
 

@@ -13,6 +13,7 @@ pub mod event;
 pub mod flow;
 pub mod headers;
 pub mod ids;
+pub mod pending;
 pub mod poison;
 pub mod queue;
 pub mod retry;
@@ -66,6 +67,7 @@ pub(crate) mod schema_test {
             "schedule.v1.json" => include_str!("../../schemas/schedule.v1.json"),
             "schedule_fire.v1.json" => include_str!("../../schemas/schedule_fire.v1.json"),
             "poison.v1.json" => include_str!("../../schemas/poison.v1.json"),
+            "pending.v1.json" => include_str!("../../schemas/pending.v1.json"),
             other => panic!("unknown schema {other}"),
         };
         serde_json::from_str(text).expect("schema is JSON")

@@ -181,6 +181,7 @@ impl MessageSpec {
             topic_name: target.topic_name,
             endpoint_name: target.endpoint_name,
             schedule_id,
+            long_delay: false,
         }
     }
 }

@@ -26,8 +26,10 @@ use crate::kafka::record::Record;
 use crate::model::cancel::CancelRecord;
 use crate::model::dedup::DedupRecord;
 use crate::model::dlq::DlqRecord;
+use crate::model::envelope::Envelope;
 use crate::model::event::Event;
 use crate::model::flow::FlowControlRecord;
+use crate::model::pending::PendingRecord;
 use crate::model::poison::is_poison_key;
 use crate::model::queue::QueueRecord;
 use crate::model::schedule::{ScheduleFire, ScheduleRecord};
@@ -47,10 +49,11 @@ pub enum Kind {
     UrlGroups,
     Schedules,
     ScheduleFires,
+    Pending,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Events,
         Kind::Dlq,
         Kind::Cancellations,
@@ -60,6 +63,7 @@ impl Kind {
         Kind::UrlGroups,
         Kind::Schedules,
         Kind::ScheduleFires,
+        Kind::Pending,
     ];
 
     /// Its table in the configuration: `[topics.<key>]`.
@@ -74,6 +78,7 @@ impl Kind {
             Kind::UrlGroups => "url_groups",
             Kind::Schedules => "schedules",
             Kind::ScheduleFires => "schedule_fires",
+            Kind::Pending => "pending",
         }
     }
 
@@ -89,6 +94,7 @@ impl Kind {
             Kind::UrlGroups => "state.url_groups",
             Kind::Schedules => "state.schedules",
             Kind::ScheduleFires => "state.schedule_fires",
+            Kind::Pending => "state.pending",
         }
     }
 
@@ -113,6 +119,7 @@ impl Kind {
             Kind::UrlGroups => decode_as::<UrlGroupRecord>(at),
             Kind::Schedules => decode_as::<ScheduleRecord>(at),
             Kind::ScheduleFires => decode_as::<ScheduleFire>(at),
+            Kind::Pending => decode_as::<PendingRecord>(at),
         }
     }
 }
@@ -178,6 +185,22 @@ impl StateRecord for CancelRecord {
             message_id: self.message_id,
             at_ms: self.requested_at,
         }
+    }
+}
+
+impl StateRecord for PendingRecord {
+    const KIND: Kind = Kind::Pending;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::Pending {
+            message_id: self.message_id,
+            message: Some(Box::new(self.message)),
+        }
+    }
+    fn removal(message_id: String) -> Option<Change> {
+        Some(Change::Pending {
+            message_id,
+            message: None,
+        })
     }
 }
 
@@ -261,6 +284,11 @@ pub enum Change {
     Cancelled {
         message_id: String,
         at_ms: i64,
+    },
+    /// A message waiting long (its record on `state.pending`), or its removal once finished.
+    Pending {
+        message_id: String,
+        message: Option<Box<Envelope>>,
     },
     /// A dedup key, or a tombstone.
     Dedup {

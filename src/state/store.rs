@@ -512,6 +512,19 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
                 .insert(message_id.as_str(), *at_ms)?;
             remove_pending(tx, message_id)?;
         }
+        Change::Pending {
+            message_id,
+            message,
+        } => match message {
+            // The events may say more (retries) or that it finished: they win.
+            Some(m) => {
+                let known = tx.open_table(MESSAGES)?.get(message_id.as_str())?.is_some();
+                if !known && !is_finished(tx, message_id)? {
+                    put_pending(tx, m)?;
+                }
+            }
+            None => remove_pending(tx, message_id)?,
+        },
         Change::Dedup { key, entry } => {
             let mut dedup = tx.open_table(DEDUP)?;
             match entry {

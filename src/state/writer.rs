@@ -7,7 +7,9 @@
 //! logged, not reported to the client (the tailer applies the record when it reads it back), so
 //! a client is never told to retry something that was stored.
 
+use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rdkafka::error::KafkaError;
 
@@ -19,6 +21,7 @@ use crate::kafka::Producer;
 use crate::model::envelope::Envelope;
 use crate::model::event::{Event, State};
 use crate::model::now_ms;
+use crate::model::pending::PendingRecord;
 use crate::topics::TopicNames;
 
 /// Produces API writes and applies them locally.
@@ -30,6 +33,8 @@ pub struct Writer {
     views: Arc<Views>,
     /// For writes of several messages that must be all or nothing (a URL-group publish).
     transactions: Arc<TxProducer>,
+    /// A message due later than this after its creation also gets a pending record.
+    long_delay_after: Duration,
 }
 
 /// The CREATED event of a new message: it carries the whole message, for the message and log
@@ -47,6 +52,7 @@ impl Writer {
         names: TopicNames,
         views: Arc<Views>,
         transactions: TxProducer,
+        long_delay_after: Duration,
     ) -> Self {
         Writer {
             producer,
@@ -54,6 +60,21 @@ impl Writer {
             names,
             views,
             transactions: Arc::new(transactions),
+            long_delay_after,
+        }
+    }
+
+    /// `envelope`, marked `long_delay` when it waits longer than the event log may keep its
+    /// CREATED event (it then also gets a pending record, `model::pending`).
+    fn marked<'a>(&self, envelope: &'a Envelope) -> Cow<'a, Envelope> {
+        let wait = envelope.not_before.saturating_sub(envelope.created_at);
+        let long = i64::try_from(self.long_delay_after.as_millis()).unwrap_or(i64::MAX);
+        if wait > long {
+            let mut marked = envelope.clone();
+            marked.long_delay = true;
+            Cow::Owned(marked)
+        } else {
+            Cow::Borrowed(envelope)
         }
     }
 
@@ -90,27 +111,57 @@ impl Writer {
     }
 
     /// Stores a new message: the envelope where it belongs now (the ready topic, or the delay
-    /// ladder when it is due later) and its CREATED event, produced together. Fails only when
-    /// the envelope was not stored; a lost CREATED event costs a log line, not a message.
+    /// ladder when it is due later) and its CREATED event, produced together, and for a long wait
+    /// its pending record. Fails only when the envelope was not stored (then a pending record
+    /// written with it is removed again); a lost CREATED event costs a log line, not a message,
+    /// and a lost pending record costs findability only after the event log dropped the CREATED.
     pub async fn accept(&self, envelope: &Envelope) -> Result<Ack, KafkaError> {
-        let created = created_event(envelope);
-        let (stored, event) = tokio::join!(self.router.send(envelope), self.put(created));
+        let envelope = self.marked(envelope);
+        let created = created_event(&envelope);
+        let pending = async {
+            if envelope.long_delay {
+                Some(self.put(PendingRecord::new(&envelope)).await)
+            } else {
+                None
+            }
+        };
+        let (stored, event, pending) =
+            tokio::join!(self.router.send(&envelope), self.put(created), pending);
         if let Err(e) = event {
             tracing::warn!(message_id = %envelope.message_id, error = %e, "CREATED event not recorded");
+        }
+        match (&stored, pending) {
+            (Err(_), Some(Ok(_))) => {
+                if let Err(e) = self.remove::<PendingRecord>(&envelope.message_id).await {
+                    tracing::warn!(message_id = %envelope.message_id, error = %e, "pending record of a message not stored could not be removed");
+                }
+            }
+            (Ok(_), Some(Err(e))) => {
+                tracing::warn!(message_id = %envelope.message_id, error = %e, "pending record not stored: after its CREATED event expires the message cannot be looked up or cancelled");
+            }
+            _ => {}
         }
         stored
     }
 
-    /// Stores several new messages all or nothing: the envelopes and their CREATED events in one
-    /// Kafka transaction (a URL-group publish: no crash leaves half a group published).
+    /// Stores several new messages all or nothing: the envelopes, their CREATED events and the
+    /// pending records of long waits in one Kafka transaction (a URL-group publish: no crash
+    /// leaves half a group published).
     pub async fn accept_all(&self, envelopes: &[Envelope]) -> Result<(), TxError> {
         let now = now_ms();
-        let events: Vec<Event> = envelopes.iter().map(created_event).collect();
+        let envelopes: Vec<Cow<'_, Envelope>> = envelopes.iter().map(|e| self.marked(e)).collect();
+        let events: Vec<Event> = envelopes.iter().map(|e| created_event(e)).collect();
         let mut records: Vec<Outgoing> = envelopes
             .iter()
             .map(|e| self.router.outgoing(e, now))
             .collect();
         records.extend(events.iter().map(|e| self.outgoing(e)));
+        let pending: Vec<PendingRecord> = envelopes
+            .iter()
+            .filter(|e| e.long_delay)
+            .map(|e| PendingRecord::new(e))
+            .collect();
+        records.extend(pending.iter().map(|p| self.outgoing(p)));
         let acks = self.transactions.write(&records).await?;
         let changes = events
             .into_iter()
