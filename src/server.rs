@@ -155,11 +155,17 @@ pub async fn start(
     let abandoned = shutdown.clone().drop_guard();
     let mut tasks = JoinSet::new();
 
-    let store = Arc::new(Store::create(
+    // A store kept in `state.dir` is reused when it was built from this cluster and prefix: the
+    // views then read only what is new since the last run.
+    let identity = kafka::topics::cluster_id(&config.kafka)
+        .await?
+        .map(|cluster| format!("{cluster}|{}", config.kafka.topic_prefix));
+    let store = Arc::new(Store::open(
         Some(config.state.dir.as_str())
             .filter(|d| !d.is_empty())
             .map(std::path::Path::new),
         config.state.cache_bytes,
+        identity.as_deref(),
     )?);
     let views = Arc::new(Views::new(store.clone()));
     let health = Health::default();

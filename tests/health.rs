@@ -63,3 +63,43 @@ async fn ready_reflects_caught_up_views_and_kafka_reachability() {
     .await;
     kstash.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_with_its_state_dir_reads_only_what_is_new() {
+    let kafka = TestKafka::new();
+    let dir = std::env::temp_dir().join(format!("{}state", kafka.prefix));
+    let mut config = kafka.config();
+    config.state.dir = dir.to_string_lossy().into_owned();
+    let mut receiver = common::Receiver::start().await;
+
+    let first = kafka.start(config.clone()).await;
+    let api = common::Api::new(first.addr());
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(api.publish_ok(&receiver.url("/r"), "x").await);
+    }
+    receiver.take(20).await;
+    // Every DELIVERED event in the views before stopping.
+    eventually("the first run's views complete", || async {
+        let logs = api.logs(&[("state", "DELIVERED")]).await;
+        (logs.len() == ids.len()).then_some(())
+    })
+    .await;
+    first.stop().await;
+
+    let second = kafka.start(config).await;
+    let base = format!("http://{}", second.addr());
+    let (_, ready) = get(&format!("{base}/health/ready")).await;
+    let applied = ready["state"]["recordsApplied"].as_u64().unwrap();
+    assert!(
+        applied < ids.len() as u64,
+        "resumed from the store: {applied} records read at start-up, not the {} events again",
+        3 * ids.len()
+    );
+    // And the views still hold what the first run read.
+    let api = common::Api::new(second.addr());
+    let delivered = api.logs(&[("state", "DELIVERED")]).await;
+    assert_eq!(delivered.len(), ids.len());
+    second.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -69,15 +69,17 @@ pub async fn ensure(
 
 /// Whether the cluster is librdkafka's mock cluster (its ids start with [`MOCK_CLUSTER_ID_PREFIX`]).
 async fn is_mock_cluster(kafka: &KafkaConfig) -> Result<bool, SetupError> {
+    Ok(cluster_id(kafka)
+        .await?
+        .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX)))
+}
+
+/// The cluster's id, if it says.
+pub async fn cluster_id(kafka: &KafkaConfig) -> Result<Option<String>, SetupError> {
     let client: BaseConsumer = create_client(kafka, Role::Admin)?;
-    tokio::task::spawn_blocking(move || {
-        client
-            .client()
-            .fetch_cluster_id(ADMIN_TIMEOUT)
-            .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX))
-    })
-    .await
-    .map_err(|e| SetupError::Topics(e.to_string()))
+    tokio::task::spawn_blocking(move || client.client().fetch_cluster_id(ADMIN_TIMEOUT))
+        .await
+        .map_err(|e| SetupError::Topics(e.to_string()))
 }
 
 /// Refuses topics (e.g. created before, or by someone else) whose `max.message.bytes` is below

@@ -66,6 +66,16 @@ impl Kind {
         Kind::Pending,
     ];
 
+    /// Whether its view is kept in the on-disk store (which records how far it was read, so a
+    /// restart with the same store resumes there); the others are in memory, read from the
+    /// beginning at every start.
+    pub fn in_store(self) -> bool {
+        matches!(
+            self,
+            Kind::Events | Kind::Dlq | Kind::Cancellations | Kind::Dedup | Kind::Pending
+        )
+    }
+
     /// Its table in the configuration: `[topics.<key>]`.
     pub fn config_key(self) -> &'static str {
         match self {
@@ -351,6 +361,16 @@ impl Views {
     /// Every apply is idempotent (a process applies its own writes, then reads them again from
     /// Kafka).
     pub fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.apply_read(changes, &[])
+    }
+
+    /// [`Views::apply`] for records read from Kafka: the store also records `positions` (the next
+    /// offset of each partition of the topics it keeps), in the same transaction.
+    pub fn apply_read(
+        &self,
+        changes: &[Change],
+        positions: &[((String, i32), i64)],
+    ) -> Result<(), StoreError> {
         let mut settings_changed = false;
         for change in changes {
             match change {
@@ -378,7 +398,11 @@ impl Views {
         if settings_changed {
             self.settings.send_modify(|generation| *generation += 1);
         }
-        self.store.apply(changes)
+        if positions.is_empty() {
+            self.store.apply(changes)
+        } else {
+            self.store.apply_read(changes, positions)
+        }
     }
 
     /// Notified whenever queue or flow-control settings change.

@@ -7,6 +7,7 @@
 //! fsync. Every apply is idempotent, so the API can write through its own changes at once
 //! (read-your-writes in one process) and the tailer re-applies them harmlessly.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -41,6 +42,14 @@ const PENDING_BY_QUEUE: TableDefinition<(&str, &str), ()> =
     TableDefinition::new("pending_by_queue");
 /// Pending messages by flow-control key: (key, message id) → (); a key's wait list.
 const PENDING_BY_FLOW: TableDefinition<(&str, &str), ()> = TableDefinition::new("pending_by_flow");
+/// How far the tailer has applied each partition of the topics kept here: (topic, partition) →
+/// next offset, written in the same transaction as the records, so a restart resumes from it.
+const POSITIONS: TableDefinition<(&str, i32), i64> = TableDefinition::new("positions");
+/// What the file holds: [`STORE_FORMAT`] and the identity of the Kafka data it was built from.
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const META_IDENTITY: &str = "identity";
+/// Bumped when the tables change incompatibly: an older file is rebuilt.
+const STORE_FORMAT: &str = "kstash-store-1";
 
 /// Bits of the event key below the time: 16 for the partition, 48 for the offset.
 const PARTITION_SHIFT: u32 = 48;
@@ -113,6 +122,11 @@ impl Drop for Store {
     fn drop(&mut self) {
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
+        } else if let Ok(mut tx) = self.db.begin_write() {
+            // Make the last (non-durable) commits durable, so a kept store resumes where this
+            // run stopped rather than at its last durable commit.
+            tx.set_durability(Durability::Immediate);
+            let _ = tx.commit();
         }
     }
 }
@@ -121,6 +135,18 @@ impl Store {
     /// Creates an empty store in `dir` (a fresh temporary directory when `None`, removed on drop)
     /// whose in-memory page cache holds at most `cache_bytes`.
     pub fn create(dir: Option<&Path>, cache_bytes: usize) -> Result<Self, StoreError> {
+        Self::open(dir, cache_bytes, None)
+    }
+
+    /// Opens the store in `dir`. With an `identity` (the Kafka cluster and topic prefix it is
+    /// built from), a file left by an earlier run with the same identity is kept, and the tailer
+    /// resumes from its [positions](Store::positions): start-up reads only what is new. Without
+    /// one, or when the file was built from other data, it starts empty.
+    pub fn open(
+        dir: Option<&Path>,
+        cache_bytes: usize,
+        identity: Option<&str>,
+    ) -> Result<Self, StoreError> {
         let (dir, remove_dir) = match dir {
             Some(d) => (d.to_path_buf(), false),
             None => (
@@ -134,8 +160,16 @@ impl Store {
         };
         std::fs::create_dir_all(&dir).map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
         let path = dir.join("state.redb");
-        // Rebuilt from Kafka at every start: never trust a previous run's file.
-        let _ = std::fs::remove_file(&path);
+        let stamp = identity.map(|i| format!("{STORE_FORMAT}|{i}"));
+        let reusable = match &stamp {
+            Some(stamp) if path.exists() => {
+                Self::stamp_of(&path, cache_bytes).as_ref() == Some(stamp)
+            }
+            _ => false,
+        };
+        if !reusable {
+            let _ = std::fs::remove_file(&path);
+        }
         let db = redb::Builder::new()
             .set_cache_size(cache_bytes)
             .create(&path)?;
@@ -145,8 +179,60 @@ impl Store {
             dir,
             remove_dir,
         };
-        store.write(|_| Ok(()))?; // creates the tables
+        store.write(|tx| {
+            if let Some(stamp) = &stamp {
+                tx.open_table(META)?.insert(META_IDENTITY, stamp.as_str())?;
+            }
+            Ok(())
+        })?; // also creates the tables
+        if reusable {
+            tracing::info!(path = %path.display(), "state store kept from the last run; reading only what is new");
+        }
         Ok(store)
+    }
+
+    /// The stamp of an existing store file, if it is one this build can read.
+    fn stamp_of(path: &Path, cache_bytes: usize) -> Option<String> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .open(path)
+            .ok()?;
+        let tx = db.begin_read().ok()?;
+        let meta = tx.open_table(META).ok()?;
+        let stamp = meta.get(META_IDENTITY).ok()??.value().to_string();
+        Some(stamp)
+    }
+
+    /// Where the tailer left each partition (the next offset to read).
+    pub fn positions(&self) -> Result<HashMap<(String, i32), i64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(POSITIONS)?;
+        let mut out = HashMap::new();
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (topic, partition) = k.value();
+            out.insert((topic.to_string(), partition), v.value());
+        }
+        Ok(out)
+    }
+
+    /// Applies changes read from Kafka and records how far each partition was read, in one
+    /// transaction.
+    pub fn apply_read(
+        &self,
+        changes: &[Change],
+        positions: &[((String, i32), i64)],
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            for change in changes {
+                apply_one(tx, change)?;
+            }
+            let mut t = tx.open_table(POSITIONS)?;
+            for ((topic, partition), next) in positions {
+                t.insert((topic.as_str(), *partition), *next)?;
+            }
+            Ok(())
+        })
     }
 
     /// Applies changes in one transaction.
@@ -183,6 +269,8 @@ impl Store {
             tx.open_table(DEDUP)?;
             tx.open_table(PENDING_BY_QUEUE)?;
             tx.open_table(PENDING_BY_FLOW)?;
+            tx.open_table(POSITIONS)?;
+            tx.open_table(META)?;
         }
         f(&tx)?;
         tx.commit()?;

@@ -50,7 +50,13 @@ pub fn start(
     let mut assignment = TopicPartitionList::new();
     let mut remaining: HashMap<(String, i32), i64> = HashMap::new();
     let kinds: HashMap<String, Kind> = topics.iter().cloned().collect();
-    for (topic, _) in &topics {
+    // Views kept on disk resume where an earlier run with the same store left them.
+    let stored = views
+        .store
+        .positions()
+        .map_err(|e| SetupError::Topics(format!("state store: {e}")))?;
+    let mut resumed = 0usize;
+    for (topic, kind) in &topics {
         let metadata = retrying(|| consumer.fetch_metadata(Some(topic), QUERY_TIMEOUT))?;
         let partitions = metadata
             .topics()
@@ -58,14 +64,36 @@ pub fn start(
             .map(|t| t.partitions().len())
             .unwrap_or_default();
         for p in 0..i32::try_from(partitions).unwrap_or_default() {
-            assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+            let from = kind
+                .in_store()
+                .then(|| stored.get(&(topic.clone(), p)).copied())
+                .flatten();
             let (low, high) = retrying(|| consumer.fetch_watermarks(topic, p, QUERY_TIMEOUT))?;
-            if high > low {
-                remaining.insert((topic.clone(), p), high);
+            match from {
+                // Records below the low watermark are gone; reading resumes at what is left.
+                Some(next) => {
+                    resumed += 1;
+                    assignment.add_partition_offset(topic, p, Offset::Offset(next.max(low)))?;
+                    if high > next.max(low) {
+                        remaining.insert((topic.clone(), p), high);
+                    }
+                }
+                None => {
+                    assignment.add_partition_offset(topic, p, Offset::Beginning)?;
+                    if high > low {
+                        remaining.insert((topic.clone(), p), high);
+                    }
+                }
             }
         }
     }
     consumer.assign(&assignment)?;
+    if resumed > 0 {
+        tracing::info!(
+            partitions = resumed,
+            "state views resume from the store's positions"
+        );
+    }
     let (tx, rx) = watch::channel(remaining.is_empty());
     if remaining.is_empty() {
         health.caught_up(0);
@@ -146,9 +174,15 @@ fn run(
                 None => break,
             }
         }
-        if !batch.is_empty() {
+        // How far the views kept on disk have read, stored with the batch.
+        let positions: Vec<((String, i32), i64)> = read
+            .iter()
+            .filter(|((topic, _), _)| kinds.get(topic).is_some_and(|k| k.in_store()))
+            .map(|(tp, next)| (tp.clone(), *next))
+            .collect();
+        if !batch.is_empty() || !positions.is_empty() {
             applied += batch.len() as u64;
-            while let Err(e) = views.apply(&batch) {
+            while let Err(e) = views.apply_read(&batch, &positions) {
                 tracing::error!(error = %e, "state store write failed; applying the batch again");
                 if shutdown.is_cancelled() {
                     return;
