@@ -63,6 +63,7 @@ pub enum StartError {
 /// A started kstash process.
 pub struct Running {
     addr: SocketAddr,
+    views: Arc<Views>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
     producer: Producer,
@@ -82,6 +83,11 @@ impl Running {
     /// Where the API listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// This process's views (tests look at and inject faults into them).
+    pub fn views(&self) -> &Arc<Views> {
+        &self.views
     }
 
     /// Graceful stop: stop taking requests and records, finish or hand back in-flight work,
@@ -345,6 +351,7 @@ pub async fn start(
     abandoned.disarm();
     Ok(Running {
         addr,
+        views: views.clone(),
         shutdown,
         tasks,
         producer,

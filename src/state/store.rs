@@ -114,6 +114,8 @@ const DURABLE_EVERY: u64 = 64;
 pub struct Store {
     db: Database,
     commits: std::sync::atomic::AtomicU64,
+    /// Writes still to fail on purpose ([`Store::fail_next_writes`]).
+    failing: std::sync::atomic::AtomicU32,
     dir: PathBuf,
     remove_dir: bool,
 }
@@ -176,6 +178,7 @@ impl Store {
         let store = Store {
             db,
             commits: std::sync::atomic::AtomicU64::new(0),
+            failing: std::sync::atomic::AtomicU32::new(0),
             dir,
             remove_dir,
         };
@@ -245,10 +248,25 @@ impl Store {
         })
     }
 
+    /// Fault injection: the next `n` writes fail (as a full disk would make them), so tests can
+    /// show that an acknowledged write is still answered as stored and that the tailer applies a
+    /// batch again rather than dropping it.
+    pub fn fail_next_writes(&self, n: u32) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn write(
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        if self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(StoreError("injected write failure".into()));
+        }
         let mut tx = self.db.begin_write()?;
         let n = self
             .commits
