@@ -91,14 +91,7 @@ async fn large_message_fails_to_the_dlq_with_its_callbacks(body_limit: usize, le
     .await;
     assert_eq!(entry["messageId"], id.as_str());
 
-    eventually("the ready topic fully committed", || async {
-        kafka
-            .committed_and_high(&ready)
-            .iter()
-            .all(|(committed, high)| committed == high)
-            .then_some(())
-    })
-    .await;
+    kafka.wait_fully_committed(&ready).await;
     kstash.stop().await;
 }
 

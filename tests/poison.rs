@@ -7,7 +7,7 @@ mod common;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use common::{eventually, Api, Receiver, TestKafka};
+use common::{Api, Receiver, TestKafka};
 use kstash::kafka::record::Record;
 use kstash::model::now_ms;
 use kstash::model::poison::PoisonRecord;
@@ -91,14 +91,7 @@ async fn unreadable_records_are_moved_to_the_dlq_topic_with_a_reason_and_the_par
     assert_eq!(newer_poison.value.as_deref(), Some(newer.as_slice()));
 
     // Kept, so the partitions move on: everything is committed.
-    eventually("the ready topic fully committed", || async {
-        kafka
-            .committed_and_high(&ready)
-            .iter()
-            .all(|(committed, high)| committed == high)
-            .then_some(())
-    })
-    .await;
+    kafka.wait_fully_committed(&ready).await;
     // Poison records are not DLQ messages.
     let (status, listed) = api.call(reqwest::Method::GET, "/v2/dlq", None).await;
     assert_eq!(status, 200, "{listed}");

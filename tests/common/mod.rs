@@ -219,6 +219,17 @@ impl TestKafka {
             .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
     }
 
+    /// Waits until the delivery group has committed every partition of `topic` to its end.
+    pub async fn wait_fully_committed(&self, topic: &str) {
+        eventually(&format!("{topic} fully committed"), || async {
+            self.committed_and_high(topic)
+                .iter()
+                .all(|(committed, high)| committed == high)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Committed offset of the delivery group per partition of `topic`, and the high watermarks.
     pub fn committed_and_high(&self, topic: &str) -> Vec<(i64, i64)> {
         let mut c = self.client_config();
