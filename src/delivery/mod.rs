@@ -253,18 +253,14 @@ impl RecordHandler for Deliverer {
     }
 
     async fn gate(&self, record: &OwnedMessage) -> Gate {
-        // A cancelled message takes no start from its key or its destination: it is only marked
-        // CANCELED.
-        if let Some(message_id) = header(record, MESSAGE_ID_HEADER) {
-            if matches!(
-                self.views.store.progress(message_id),
-                Ok(Progress::Cancelled)
-            ) {
-                return Gate::none();
-            }
-        }
+        // A cancelled message takes no start from its flow-control key: it is only marked
+        // CANCELED (a destination slot it holds only for that moment).
+        let cancelled = || {
+            header(record, MESSAGE_ID_HEADER)
+                .is_some_and(|id| matches!(self.views.store.progress(id), Ok(Progress::Cancelled)))
+        };
         let flow = match self.flow_control(record) {
-            Some(values) => {
+            Some(values) if !cancelled() => {
                 let views = self.views.clone();
                 let key = values.key.clone();
                 let permit = self
@@ -277,7 +273,7 @@ impl RecordHandler for Deliverer {
                     .await;
                 Some(permit)
             }
-            None => None,
+            _ => None,
         };
         let destination = match header(record, DESTINATION_HEADER) {
             Some(destination) => Some(self.destinations.acquire(destination).await),
