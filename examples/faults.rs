@@ -178,6 +178,9 @@ struct FaultArgs {
 
 /// Test HTTP requests to kstash give up after this much more than `--produce-timeout`.
 const REQUEST_MARGIN: Duration = Duration::from_secs(30);
+/// A connection to kstash not established within this is tried on the next process (a refused
+/// one at once). Generous: on a busy machine even loopback connects can take a while.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A publish that finds no process up tries again until this long after its first try.
 const NO_PROCESS_LIMIT: Duration = Duration::from_secs(60);
 /// Publishes of the main load in flight at most (more would mean the load cannot keep its rate).
@@ -249,7 +252,11 @@ async fn run_suite(which: Which, mut a: FaultArgs) -> ExitCode {
                 reports.push(r);
             }
             Err(e) => {
-                progress(format!("{}: could not run: {e:#}", s.name()));
+                progress(format!(
+                    "{}: could not run: {e:#}; kstash configs and logs are in {}",
+                    s.name(),
+                    root.join(s.name()).display()
+                ));
                 error = Some((s, e));
                 break;
             }
@@ -1042,7 +1049,7 @@ impl Load {
     ) -> Result<Load> {
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
-            .connect_timeout(Duration::from_secs(2))
+            .connect_timeout(CONNECT_TIMEOUT)
             .timeout(a.produce_timeout + REQUEST_MARGIN)
             .build()?;
         Ok(Load {
@@ -1167,16 +1174,16 @@ impl Load {
                     (Outcome::Status(status.as_u16()), p as u8, None)
                 }
                 Err(e) if e.is_connect() => {
-                    // Not sent (refused, or not established within the connect timeout): safe to
-                    // send to another process.
+                    // Not sent (refused, or not established within CONNECT_TIMEOUT): safe to send
+                    // to another process.
                     drop(guard);
                     refused = refused.saturating_add(1);
                     self.first_connect_error
                         .lock()
                         .unwrap()
-                        .get_or_insert_with(|| format!("p{p}: {e:#}"));
+                        .get_or_insert_with(|| format!("p{p}: {}", chain(&e)));
                     if first.elapsed() > NO_PROCESS_LIMIT {
-                        self.note_error(format!("p{p}: {e:#}"));
+                        self.note_error(format!("p{p}: {}", chain(&e)));
                         break (Outcome::NoProcess, p as u8, None);
                     }
                     if refused as usize % self.cluster.endpoints.len() == 0 {
@@ -1186,7 +1193,7 @@ impl Load {
                     continue;
                 }
                 Err(e) => {
-                    self.note_error(format!("p{p}: {e:#}"));
+                    self.note_error(format!("p{p}: {}", chain(&e)));
                     (Outcome::NoAnswer, p as u8, None)
                 }
             };
@@ -1715,6 +1722,18 @@ fn table(reports: &[Report]) -> String {
         t += &r.row();
     }
     t
+}
+
+/// An error with its sources: `a: b: c`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s += ": ";
+        s += &cause.to_string();
+        source = cause.source();
+    }
+    s
 }
 
 /// Nearest-rank percentile; NaN for an empty sample.
