@@ -6,16 +6,17 @@
 //! ```text
 //! cargo build --bin kstash --example faults
 //! scripts/with-kafka.sh cargo run --example faults -- all
-//! scripts/with-kafka.sh cargo run --example faults -- kill9 --duration 60s --rate 300
+//! scripts/with-kafka.sh cargo run --example faults -- kill9 --duration 60s --processes 4
 //! ```
 //!
 //! The load: `--rate` publishes/s (`POST /v2/publish`), round-robin over the processes that are
 //! up, `--delayed-percent` of them with `Upstash-Delay: --delay`; plus `--queues` FIFO queues,
 //! each fed in order by one client (`POST /v2/enqueue`, the next enqueue after the previous
 //! answer) at `--fifo-rate`. Every body starts with a unique sequence number. A publish is
-//! *accepted* when answered 2xx. A refused connection (a process that is down) is tried on the
-//! next process and is not an outcome; a 503 is counted; a request sent but not answered (its
-//! process died under it) is "no answer". Nothing is ever published twice.
+//! *accepted* when answered 2xx. A connection refused or not established (a process that is down;
+//! the request was not sent) is tried on the next process and is not an outcome; a 503 is counted;
+//! a request sent but not answered (its process died under it) is "no answer". Nothing is ever
+//! published twice.
 //!
 //! Scenarios (`all` runs them in this order, each with a fresh topic prefix, processes and
 //! receiver):
@@ -29,13 +30,14 @@
 //!
 //! After the fault the load goes on for at least `--tail` (and until `--duration`); then the
 //! suite waits at most `--drain` until every accepted message was delivered, `--linger` more for
-//! duplicates, and stops the processes with SIGTERM. Figures per scenario: accepted, 503s,
+//! duplicates, takes the figures, and stops the processes with SIGTERM. Figures per scenario: accepted, 503s,
 //! delivered (distinct), lost (accepted, never delivered), duplicates (deliveries beyond the
 //! first), and the recovery time: from the fault's start to the last arrival of a message that was
 //! late by more than `--late` (0 when no message was late). Exit status 1 when an accepted
 //! message was lost in any scenario or `rolling` delivered a duplicate, 2 when a scenario could
-//! not run. Each scenario's kstash configs and logs are in a temp directory, kept (and named) when
-//! it fails or with `--keep`.
+//! not run. Each scenario's kstash configs and logs, and `messages.csv` (one line per message: what
+//! the load saw, what the receiver got), are in a temp directory, kept (and named) when the
+//! scenario fails or with `--keep`.
 #![deny(unsafe_code)]
 
 mod support;
