@@ -40,29 +40,18 @@
 //! and its scratch directory (config, log, state store) is removed unless `--keep` is given.
 #![deny(unsafe_code)]
 
-use std::net::SocketAddr;
+mod support;
+
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::Router;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tokio::process::{Child, Command};
-
-/// The well-known QStash dev token that `kstash dev` accepts.
-const DEV_TOKEN: &str = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0=";
-/// Credentials written into the `kstash serve` config (keys must be ≥ 32 characters).
-const SERVE_TOKEN: &str = "bench-token-0123456789abcdefghijklmnopqrstuvwxyz";
-const SERVE_CURRENT_KEY: &str = "sig_bench_current_0123456789abcdefghijkl";
-const SERVE_NEXT_KEY: &str = "sig_bench_next_0123456789abcdefghijklmnop";
-/// How often progress lines are printed.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
+use support::{
+    process_cpu_seconds, progress, since, Kstash, Memory, Mode, Options, Receiver, PROGRESS_EVERY,
+};
 
 #[derive(Parser)]
 #[command(
@@ -85,14 +74,6 @@ enum Bench {
     Throughput(ThroughputArgs),
     /// FIFO queues (order violations, duplicates, rates) and flow-control limits (rate, parallelism).
     Order(OrderArgs),
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
-enum Mode {
-    /// `kstash dev`: the embedded (librdkafka mock) cluster, inside the kstash process.
-    Dev,
-    /// `kstash serve` against the broker(s) in --brokers.
-    Serve,
 }
 
 #[derive(Args, Clone)]
@@ -118,6 +99,22 @@ struct Common {
     /// Keep the scratch directory (config, kstash log, state store) instead of removing it.
     #[arg(long)]
     keep: bool,
+}
+
+impl Common {
+    fn options(&self) -> Options {
+        Options {
+            bin: self.bin.clone(),
+            mode: self.mode,
+            brokers: self.brokers.clone(),
+            partitions: self.partitions,
+            rust_log: self.rust_log.clone(),
+            keep: self.keep,
+            name: None,
+            dir: None,
+            extra: Vec::new(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -306,7 +303,7 @@ async fn delay_bench(a: DelayArgs) -> Result<()> {
     let total = a.delays.len() * a.per_delay;
     let clock = Instant::now();
     let receiver = Receiver::start(clock, total + a.warmup).await?;
-    let kstash = Kstash::spawn(&a.common).await?;
+    let kstash = Kstash::spawn(&a.common.options()).await?;
     let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
     let smallest = a.delays.iter().min().copied().unwrap_or_default();
     if a.warmup > 0 {
@@ -506,7 +503,7 @@ async fn memory_bench(a: MemoryArgs) -> Result<()> {
     };
     let clock = Instant::now();
     let receiver = Receiver::start(clock, a.warmup + max).await?;
-    let kstash = Kstash::spawn(&a.common).await?;
+    let kstash = Kstash::spawn(&a.common.options()).await?;
     let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
     let mut rows: Vec<String> = Vec::new();
     let row = |label: String,
@@ -687,7 +684,7 @@ async fn settle(kstash: &Kstash, a: &MemoryArgs) -> Result<(Memory, Duration)> {
 async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
     let clock = Instant::now();
     let receiver = Receiver::start(clock, a.warmup + a.count).await?;
-    let kstash = Kstash::spawn(&a.common).await?;
+    let kstash = Kstash::spawn(&a.common.options()).await?;
     let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
     let immediate: Arc<DelayFn> = Arc::new(|_| None);
     if a.warmup > 0 {
@@ -798,7 +795,7 @@ async fn order_bench(a: OrderArgs) -> Result<()> {
         bail!("--fc-period must be positive");
     }
     let clock = Instant::now();
-    let kstash = Kstash::spawn(&a.common).await?;
+    let kstash = Kstash::spawn(&a.common.options()).await?;
     if a.warmup > 0 {
         let receiver = Receiver::start(clock, a.warmup).await?;
         let publisher = Publisher::new(&kstash, &receiver, a.concurrency)?;
@@ -1227,403 +1224,6 @@ fn header_duration(d: Duration) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The kstash child process
-// ---------------------------------------------------------------------------------------------
-
-struct Kstash {
-    child: Child,
-    pid: u32,
-    port: u16,
-    token: &'static str,
-    mode: Mode,
-    dir: PathBuf,
-    log: PathBuf,
-    state_dir: PathBuf,
-    keep: bool,
-}
-
-#[derive(Clone, Copy)]
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-    /// RssAnon (heap, stacks) and RssFile (mapped files, the binary).
-    anon_kib: u64,
-    file_kib: u64,
-}
-
-impl Kstash {
-    async fn spawn(c: &Common) -> Result<Kstash> {
-        if !c.bin.is_file() {
-            bail!(
-                "{} not found: build it first with `cargo build --release` (or pass --bin)",
-                c.bin.display()
-            );
-        }
-        if c.mode == Mode::Serve {
-            for broker in c.brokers.split(',') {
-                let host = broker.trim().rsplit_once(':').map_or(broker, |(h, _)| h);
-                if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
-                    bail!("--brokers must be on loopback (got {broker})");
-                }
-            }
-        }
-        let unique = format!("{}-{}", std::process::id(), unix_ms());
-        let dir = std::env::temp_dir().join(format!("kstash-bench-{unique}"));
-        let state_dir = dir.join("state");
-        std::fs::create_dir_all(&state_dir)?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut toml = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nshutdown_grace = \"5s\"\n\
-             [state]\ndir = \"{}\"\n",
-            state_dir.display()
-        );
-        let mut command = Command::new(&c.bin);
-        let token = match c.mode {
-            Mode::Dev => {
-                if let Some(p) = c.partitions {
-                    toml += &format!("[dev]\npartitions = {p}\n");
-                }
-                command.args(["dev", "--port", &port.to_string()]);
-                DEV_TOKEN
-            }
-            Mode::Serve => {
-                toml += &format!(
-                    "[auth]\ntokens = [\"{SERVE_TOKEN}\"]\n\
-                     [signing]\ncurrent_key = \"{SERVE_CURRENT_KEY}\"\nnext_key = \"{SERVE_NEXT_KEY}\"\n\
-                     [kafka]\nbrokers = \"{}\"\ntopic_prefix = \"bench-{unique}.\"\n\
-                     group_id = \"bench-{unique}\"\ndelay_group_id = \"bench-{unique}-delay\"\n\
-                     replication_factor = 1\nsession_timeout = \"6s\"\n\
-                     [delivery]\nallowed_networks = [\"127.0.0.0/8\"]\n",
-                    c.brokers
-                );
-                if let Some(p) = c.partitions {
-                    for topic in [
-                        "ready",
-                        "events",
-                        "delay",
-                        "dlq",
-                        "cancellations",
-                        "dedup",
-                        "queues",
-                        "flow_control",
-                    ] {
-                        toml += &format!("[topics.{topic}]\npartitions = {p}\n");
-                    }
-                }
-                command.arg("serve");
-                SERVE_TOKEN
-            }
-        };
-        let config = dir.join("kstash.toml");
-        std::fs::write(&config, &toml)?;
-        let log = dir.join("kstash.log");
-        command.arg("--config").arg(&config);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("KSTASH_") {
-                command.env_remove(key);
-            }
-        }
-        let child = command
-            .env("RUST_LOG", &c.rust_log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", c.bin.display()))?;
-        let pid = child.id().context("kstash exited at once")?;
-        let mut kstash = Kstash {
-            child,
-            pid,
-            port,
-            token,
-            mode: c.mode,
-            dir,
-            log,
-            state_dir,
-            keep: c.keep,
-        };
-        progress(format!(
-            "started kstash {:?} (pid {pid}) on 127.0.0.1:{port}; log {}",
-            c.mode,
-            kstash.log.display()
-        ));
-        kstash.wait_healthy().await?;
-        Ok(kstash)
-    }
-
-    async fn wait_healthy(&mut self) -> Result<()> {
-        let url = format!("{}/health", self.base());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("kstash exited with {status}:\n{}", self.log_tail(30));
-            }
-            if let Ok(r) = reqwest::get(&url).await {
-                if r.status().is_success() {
-                    progress(format!(
-                        "kstash healthy after {:.1} s",
-                        start.elapsed().as_secs_f64()
-                    ));
-                    return Ok(());
-                }
-            }
-            if start.elapsed() > Duration::from_secs(120) {
-                bail!("kstash not healthy after 120 s:\n{}", self.log_tail(30));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn memory(&self) -> Result<Memory> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .context("kstash is gone")?;
-        let field = |name: &str| -> Result<u64> {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .with_context(|| format!("no {name} in /proc/{}/status", self.pid))
-        };
-        Ok(Memory {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-            anon_kib: field("RssAnon:")?,
-            file_kib: field("RssFile:")?,
-        })
-    }
-
-    /// User + system CPU seconds of the process so far.
-    fn cpu_seconds(&self) -> Result<f64> {
-        process_cpu_seconds(&self.pid.to_string())
-    }
-
-    /// Bytes of the local state store file (redb) on disk.
-    fn state_bytes(&self) -> u64 {
-        std::fs::metadata(self.state_dir.join("state.redb")).map_or(0, |m| m.len())
-    }
-
-    fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Counts of WARN and ERROR lines in the kstash log, with the first few of them.
-    fn log_summary(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let bad: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-            .collect();
-        let errors = bad.iter().filter(|l| l.contains(" ERROR ")).count();
-        let mut s = format!(
-            "kstash log: {} WARN and {errors} ERROR lines\n",
-            bad.len() - errors
-        );
-        for l in bad.iter().take(5) {
-            s += &format!("    {l}\n");
-        }
-        s
-    }
-
-    /// SIGTERM, then up to 30 s for a clean exit, then SIGKILL.
-    async fn stop(mut self) -> Result<()> {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
-        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
-            Ok(status) => progress(format!("kstash exited: {}", status?)),
-            Err(_) => {
-                progress("kstash still running 30 s after SIGTERM; killing it".into());
-                self.child.kill().await?;
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Kstash {
-    fn drop(&mut self) {
-        // SIGKILL if still running, and reap it (briefly) so no zombie outlives this tool.
-        let _ = self.child.start_kill();
-        for _ in 0..200 {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if self.keep {
-            progress(format!("kept {}", self.dir.display()));
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The receiver: records the first arrival time of each message id
-// ---------------------------------------------------------------------------------------------
-
-struct Receiver {
-    addr: SocketAddr,
-    state: Arc<ReceiverState>,
-}
-
-struct ReceiverState {
-    clock: Instant,
-    seen: Mutex<Seen>,
-    delivered: AtomicUsize,
-    duplicates: AtomicUsize,
-    foreign: AtomicUsize,
-    /// How long each request is held before it is answered.
-    hold: Duration,
-    /// Requests being handled now, and the most at once.
-    in_flight: AtomicUsize,
-    max_in_flight: AtomicUsize,
-}
-
-#[derive(Default)]
-struct Seen {
-    /// First arrival (ms since the clock's start) per id.
-    arrivals: Vec<Option<f64>>,
-    /// Every request with a known id, duplicates included, in the order they arrived.
-    log: Vec<(usize, f64)>,
-}
-
-/// Counts a request as open until it is answered (or dropped by the caller).
-struct Open(Arc<ReceiverState>);
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-async fn receive(State(s): State<Arc<ReceiverState>>, body: Bytes) -> StatusCode {
-    let at = since(s.clock, Instant::now());
-    let now = s.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-    s.max_in_flight.fetch_max(now, Ordering::SeqCst);
-    let _open = Open(s.clone());
-    let id = std::str::from_utf8(&body)
-        .ok()
-        .and_then(|b| b.split(' ').next())
-        .and_then(|i| i.parse::<usize>().ok());
-    {
-        let mut seen = s.seen.lock().unwrap();
-        match id.and_then(|i| seen.arrivals.get(i).copied().map(|slot| (i, slot))) {
-            Some((i, None)) => {
-                seen.arrivals[i] = Some(at);
-                seen.log.push((i, at));
-                s.delivered.fetch_add(1, Ordering::Relaxed);
-            }
-            Some((i, Some(_))) => {
-                seen.log.push((i, at));
-                s.duplicates.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                s.foreign.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-    if !s.hold.is_zero() {
-        tokio::time::sleep(s.hold).await;
-    }
-    StatusCode::OK
-}
-
-impl Receiver {
-    async fn start(clock: Instant, capacity: usize) -> Result<Receiver> {
-        Receiver::start_holding(clock, capacity, Duration::ZERO).await
-    }
-
-    /// A receiver that answers each request only after `hold`.
-    async fn start_holding(clock: Instant, capacity: usize, hold: Duration) -> Result<Receiver> {
-        let state = Arc::new(ReceiverState {
-            clock,
-            seen: Mutex::new(Seen {
-                arrivals: vec![None; capacity],
-                log: Vec::with_capacity(capacity),
-            }),
-            delivered: AtomicUsize::new(0),
-            duplicates: AtomicUsize::new(0),
-            foreign: AtomicUsize::new(0),
-            hold,
-            in_flight: AtomicUsize::new(0),
-            max_in_flight: AtomicUsize::new(0),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let app = Router::new().fallback(receive).with_state(state.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                progress(format!("receiver stopped: {e}"));
-            }
-        });
-        Ok(Receiver { addr, state })
-    }
-
-    /// Every request with a known id, duplicates included, in arrival order: (id, arrival ms).
-    fn log(&self) -> Vec<(usize, f64)> {
-        self.state.seen.lock().unwrap().log.clone()
-    }
-
-    /// The most requests this receiver had open (arrived, not yet answered) at once.
-    fn max_in_flight(&self) -> usize {
-        self.state.max_in_flight.load(Ordering::SeqCst)
-    }
-
-    fn delivered(&self) -> usize {
-        self.state.delivered.load(Ordering::Relaxed)
-    }
-
-    fn duplicates(&self) -> usize {
-        self.state.duplicates.load(Ordering::Relaxed)
-    }
-
-    fn arrivals(&self) -> Vec<Option<f64>> {
-        self.state.seen.lock().unwrap().arrivals.clone()
-    }
-
-    /// Waits until `expected` distinct messages arrived, at most `limit`. Returns the time waited.
-    async fn wait_for(&self, expected: usize, limit: Duration, label: &str) -> Duration {
-        let start = Instant::now();
-        let mut next_note = start + PROGRESS_EVERY;
-        while self.delivered() < expected {
-            if start.elapsed() > limit {
-                progress(format!(
-                    "{label}: gave up waiting after {:.0} s: {}/{expected} delivered",
-                    limit.as_secs_f64(),
-                    self.delivered()
-                ));
-                break;
-            }
-            if Instant::now() >= next_note {
-                progress(format!(
-                    "{label}: delivered {}/{expected}",
-                    self.delivered()
-                ));
-                next_note += PROGRESS_EVERY;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if self.state.foreign.load(Ordering::Relaxed) > 0 {
-            progress(format!(
-                "{label}: {} deliveries with an unknown id",
-                self.state.foreign.load(Ordering::Relaxed)
-            ));
-        }
-        start.elapsed()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // The publisher
 // ---------------------------------------------------------------------------------------------
 
@@ -1970,17 +1570,6 @@ fn machine_jiffies() -> Result<(u64, u64, u64)> {
     Ok((total - field(3) - field(4), field(7), total))
 }
 
-/// User + system CPU seconds of the process `pid` ("self" for this one), assuming 100 clock
-/// ticks per second (the Linux default).
-fn process_cpu_seconds(pid: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').context("bad /proc stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(ticks as f64 / 100.0)
-}
-
 /// CPU seconds of all processes named `java` (the Kafka broker in --mode serve).
 fn java_cpu_seconds() -> f64 {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -2038,10 +1627,6 @@ impl CpuMeter {
     }
 }
 
-fn since(clock: Instant, t: Instant) -> f64 {
-    t.duration_since(clock).as_secs_f64() * 1e3
-}
-
 fn ms(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -2058,13 +1643,6 @@ fn bytes_mib(b: u64) -> String {
     format!("{:.1}", b as f64 / (1024.0 * 1024.0))
 }
 
-fn unix_ms() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis()
-}
-
 /// `300ms`, `1500ms`, `3s`, `1h`.
 fn fmt_delay(d: Duration) -> String {
     if d.subsec_millis() != 0 {
@@ -2079,13 +1657,6 @@ fn list_durations(ds: &[Duration]) -> String {
         .map(|d| fmt_delay(*d))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn progress(line: String) {
-    eprintln!(
-        "[bench {}] {line}",
-        humantime::format_rfc3339_seconds(SystemTime::now())
-    );
 }
 
 /// One line describing where the numbers come from.

@@ -42,6 +42,16 @@
 #   SIGTERM to the broker, wait up to $KAFKA_STOP_TIMEOUT (default 30 s), then
 #   SIGKILL; the temp dir is removed. A small watchdog process does the same if
 #   this script itself is SIGKILLed, so no java process outlives it.
+# - Broker control for fault injection (examples/faults.rs): the command also gets
+#   KSTASH_TEST_BROKER_PIDFILE, a file holding the broker's current pid, and
+#   KSTASH_TEST_BROKER_RESTART, a generated script that starts the broker again
+#   with the same config, cluster id and data directory once it has exited (stop
+#   it with SIGTERM and wait for its exit first), waits until it is ready (same
+#   checks and bound as the first start), updates the pid file and exits 0 (1 if
+#   the broker did not come back). The restarted broker appends to the same logs.
+#   Teardown and the watchdog stop whichever pid the file holds (with a SIGCONT,
+#   in case it was paused with SIGSTOP); a restart racing with teardown is
+#   refused, so no broker is started behind teardown's back.
 # - The command runs in the foreground (keeps its stdin and Ctrl-C). A SIGTERM
 #   sent to this script alone is therefore acted on once the command returns.
 # - Progress lines go to stderr, prefixed "with-kafka:", so the command's stdout
@@ -60,6 +70,9 @@ usage: scripts/with-kafka.sh <command> [args...]
 
 Runs <command> with a fresh single-node Kafka broker on 127.0.0.1 and
 KSTASH_TEST_BROKERS=127.0.0.1:<port> exported; exits with the command's status.
+Also exported: KSTASH_TEST_BROKER_PIDFILE (file with the broker's current pid)
+and KSTASH_TEST_BROKER_RESTART (script: start the stopped broker again, same
+data directory, and wait until it is ready).
 
 environment:
   KAFKA_PORT             PLAINTEXT port (default 19092)
@@ -107,13 +120,31 @@ broker_pid=""
 probe_pid=""
 watchdog_pid=""
 staging=""
+pidfile=""
+
+# True while process $1 runs; a zombie (exited, not yet reaped) counts as gone.
+alive() {
+  local stat
+  kill -0 "$1" 2>/dev/null || return 1
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 0 # no /proc: trust kill -0
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+
+# The broker's current pid: the pid file's (a restart updates it), else the first start's.
+current_broker() {
+  local pid=""
+  [[ -z $pidfile || ! -s $pidfile ]] || pid=$(<"$pidfile")
+  printf '%s\n' "${pid:-$broker_pid}"
+}
 
 # shellcheck disable=SC2317 # only reached from the EXIT trap
 stop_pid() { # pid timeout-seconds name
   local pid=$1 limit=$2 name=$3 waited=0
-  kill -0 "$pid" 2>/dev/null || return 0
+  alive "$pid" || return 0
   kill -TERM "$pid" 2>/dev/null || true
-  while kill -0 "$pid" 2>/dev/null; do
+  kill -CONT "$pid" 2>/dev/null || true # a SIGSTOPped process acts on SIGTERM only once continued
+  while alive "$pid"; do
     if ((waited >= limit * 10)); then
       log "$name (pid $pid) still running ${limit}s after SIGTERM; sending SIGKILL"
       kill -KILL "$pid" 2>/dev/null || true
@@ -135,7 +166,9 @@ cleanup() {
     wait "$watchdog_pid" 2>/dev/null || true
   fi
   [[ -z $probe_pid ]] || stop_pid "$probe_pid" 5 "metadata probe"
-  if [[ -n $broker_pid ]] && kill -0 "$broker_pid" 2>/dev/null; then
+  refuse_restarts
+  broker_pid=$(current_broker)
+  if [[ -n $broker_pid ]] && alive "$broker_pid"; then
     log "stopping broker"
     stop_pid "$broker_pid" "$stop_timeout" "broker"
   fi
@@ -150,6 +183,13 @@ trap 'exit 129' HUP
 trap 'exit 141' PIPE
 
 # --- helpers -----------------------------------------------------------------
+# Teardown: no restart may start a broker from now on. A restart checks this marker before it
+# starts a broker and again after it wrote the pid file (and stops its broker itself if the
+# marker appeared in between), so a pid file read after this names the last broker there is.
+refuse_restarts() {
+  [[ -z $work || ! -d $work ]] || : >"$work/stopping"
+}
+
 port_open() { # true if something accepts TCP connections on 127.0.0.1:$1
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
@@ -348,79 +388,128 @@ if ! "$java" "${tool_jvm[@]}" "${log_opts[@]}" -cp "$libs/*" kafka.tools.Storage
 fi
 
 # --- 3. start the broker, and the probe next to it ----------------------------
-log "starting broker on $bootstrap (controller 127.0.0.1:$controller_port)"
-t_start=$SECONDS
-"$java" -Xmx512m -Xms256m -Djava.awt.headless=true "${log_opts[@]}" \
-  -cp "$libs/*" kafka.Kafka "$work/server.properties" \
-  </dev/null >"$work/logs/console.log" 2>&1 &
-broker_pid=$!
+pidfile=$work/broker.pid
+restart_script=$work/restart-broker.sh
 
-if ((have_javac)); then
-  mkdir -p -- "$work/probe-logs"
-  "$java" "${tool_jvm[@]}" -Dlog4j2.configurationFile="$log4j_conf" -Dkafka.logs.dir="$work/probe-logs" \
-    -cp "$probe_dir:$libs/*" KafkaReady "$bootstrap" "$cluster_id" "$start_timeout" \
-    </dev/null >"$work/probe.out" 2>&1 &
-  probe_pid=$!
-fi
+# Starts the broker (appending to its logs), records its pid in $pidfile, and with javac starts
+# the readiness probe next to it, so its JVM start overlaps the broker's.
+start_broker() {
+  log_mark=0 # lines of broker.log before this start (the format step, an earlier run)
+  [[ ! -f $work/logs/broker.log ]] || log_mark=$(wc -l <"$work/logs/broker.log")
+  t_start=$SECONDS
+  "$java" -Xmx512m -Xms256m -Djava.awt.headless=true "${log_opts[@]}" \
+    -cp "$libs/*" kafka.Kafka "$work/server.properties" \
+    </dev/null >>"$work/logs/console.log" 2>&1 &
+  broker_pid=$!
+  printf '%s\n' "$broker_pid" >"$pidfile"
+  if ((have_javac)); then
+    mkdir -p -- "$work/probe-logs"
+    "$java" "${tool_jvm[@]}" -Dlog4j2.configurationFile="$log4j_conf" -Dkafka.logs.dir="$work/probe-logs" \
+      -cp "$probe_dir:$libs/*" KafkaReady "$bootstrap" "$cluster_id" "$start_timeout" \
+      </dev/null >"$work/probe.out" 2>&1 &
+    probe_pid=$!
+  fi
+}
+
+# Waits (at most $start_timeout from the start) until the broker just started is ready: the port
+# accepts connections, it logged "Kafka Server started" (since this start), and the probe passed.
+wait_ready() {
+  local deadline=$((t_start + start_timeout)) next_note=$((t_start + 15)) status
+  local up_port=0 up_log=0 up_probe=$((1 - have_javac))
+  while :; do
+    if ! alive "$broker_pid"; then
+      status=0
+      wait "$broker_pid" || status=$?
+      broker_pid=""
+      broker_failed "broker exited (status $status) before it was ready"
+    fi
+    ((up_port)) || { port_open "$port" && up_port=1; } || true
+    ((up_log)) || { awk -v after="$log_mark" 'NR > after && /Kafka Server started/ { found = 1 }
+      END { exit !found }' "$work/logs/broker.log" 2>/dev/null && up_log=1; } || true
+    if ((!up_probe)) && ! alive "$probe_pid"; then
+      status=0
+      wait "$probe_pid" || status=$?
+      probe_pid=""
+      ((status == 0)) || broker_failed "metadata probe failed (status $status): $(tail -n 1 "$work/probe.out")"
+      up_probe=1
+    fi
+    if ((up_port && up_log && up_probe)); then break; fi
+    if ((SECONDS >= deadline)); then
+      broker_failed "broker not ready after ${start_timeout}s (port open: $up_port, started line logged: $up_log, metadata ok: $up_probe)"
+    fi
+    if ((SECONDS >= next_note)); then
+      log "still waiting after $((SECONDS - t_start))s (port open: $up_port, started line logged: $up_log, metadata ok: $up_probe)"
+      next_note=$((next_note + 15))
+    fi
+    sleep 0.25
+  done
+}
+
+log "starting broker on $bootstrap (controller 127.0.0.1:$controller_port)"
+start_broker
 
 # Watchdog: if this script dies without running its trap (SIGKILL), stop the
-# broker (and probe) and remove the temp dir. cleanup() kills it first.
+# broker (the current one, after any restart) and the probe, and remove the temp
+# dir. cleanup() kills it first.
 (
   trap '' INT
   while kill -0 "$$" 2>/dev/null; do sleep 1; done
   [[ -z $probe_pid ]] || kill -TERM "$probe_pid" 2>/dev/null || true
-  if kill -TERM "$broker_pid" 2>/dev/null; then
-    for ((i = 0; i < stop_timeout; i++)); do
-      kill -0 "$broker_pid" 2>/dev/null || break
-      sleep 1
-    done
-    kill -KILL "$broker_pid" 2>/dev/null || true
-  fi
+  refuse_restarts
+  stop_pid "$(current_broker)" "$stop_timeout" "broker"
   rm -rf -- "$work"
 ) </dev/null >/dev/null 2>&1 &
 watchdog_pid=$!
 
-# --- 4. wait until ready -------------------------------------------------------
-deadline=$((t_start + start_timeout))
-next_note=$((t_start + 15))
-up_port=0 up_log=0 up_probe=$((1 - have_javac))
-while :; do
-  if ! kill -0 "$broker_pid" 2>/dev/null; then
-    status=0
-    wait "$broker_pid" || status=$?
-    broker_pid=""
-    broker_failed "broker exited (status $status) before it was ready"
-  fi
-  ((up_port)) || { port_open "$port" && up_port=1; } || true
-  ((up_log)) || { grep -q 'Kafka Server started' "$work/logs/broker.log" 2>/dev/null && up_log=1; } || true
-  if ((!up_probe)) && ! kill -0 "$probe_pid" 2>/dev/null; then
-    status=0
-    wait "$probe_pid" || status=$?
-    probe_pid=""
-    ((status == 0)) || broker_failed "metadata probe failed (status $status): $(tail -n 1 "$work/probe.out")"
-    up_probe=1
-  fi
-  if ((up_port && up_log && up_probe)); then break; fi
-  if ((SECONDS >= deadline)); then
-    broker_failed "broker not ready after ${start_timeout}s (port open: $up_port, started line logged: $up_log, metadata ok: $up_probe)"
-  fi
-  if ((SECONDS >= next_note)); then
-    log "still waiting after $((SECONDS - t_start))s (port open: $up_port, started line logged: $up_log, metadata ok: $up_probe)"
-    next_note=$((next_note + 15))
-  fi
-  sleep 0.25
-done
+# --- 4. wait until ready, write the restart script ------------------------------
+wait_ready
 log "broker up on $bootstrap after $((SECONDS - t_start))s"
+
+# The restart script: these variables and functions, then its own steps. It refuses to start a
+# second broker, and to start one at all once teardown began (refuse_restarts).
+{
+  printf '#!/usr/bin/env bash\n'
+  printf '# Generated by scripts/with-kafka.sh (pid %s): starts its broker again, same config and\n' "$$"
+  printf '# data directory, once the previous one exited; waits until it is ready. Exit 0: ready.\n'
+  printf 'set -euo pipefail\n'
+  declare -p java libs log4j_conf work port bootstrap cluster_id start_timeout have_javac \
+    probe_dir pidfile tool_jvm log_opts
+  printf 'broker_pid="" probe_pid=""\n'
+  declare -f log alive port_open show_logs broker_failed start_broker wait_ready
+  cat <<'EOF'
+trap '[[ -z $probe_pid ]] || kill -TERM "$probe_pid" 2>/dev/null || true' EXIT
+previous=$(<"$pidfile")
+if alive "$previous"; then
+  log "error: the broker (pid $previous) is still running; stop it and wait for its exit first"
+  exit 1
+fi
+if [[ ! -d $work || -e $work/stopping ]]; then
+  log "error: with-kafka.sh is stopping; not restarting the broker"
+  exit 1
+fi
+log "restarting broker on $bootstrap (same config and data directory)"
+start_broker
+if [[ -e $work/stopping ]]; then
+  log "error: with-kafka.sh began stopping during the restart; stopping the new broker"
+  kill -TERM "$broker_pid" 2>/dev/null || true
+  exit 1
+fi
+wait_ready
+log "broker up again on $bootstrap after $((SECONDS - t_start))s (pid $broker_pid)"
+EOF
+} >"$restart_script"
+chmod +x -- "$restart_script"
 
 # --- 5. run the command ---------------------------------------------------------
 export KSTASH_TEST_BROKERS=$bootstrap
+export KSTASH_TEST_BROKER_PIDFILE=$pidfile KSTASH_TEST_BROKER_RESTART=$restart_script
 log "running: $*"
 status=0
 "$@" || status=$?
 if ((status != 0)); then
   log "command exited with status $status"
 fi
-if ! kill -0 "$broker_pid" 2>/dev/null; then
+if ! alive "$(current_broker)"; then
   log "warning: the broker died while the command ran"
   show_logs
 fi
