@@ -8,7 +8,7 @@ use axum::Json;
 
 use rdkafka::error::KafkaError;
 
-use crate::kafka::producer::{is_permanent, is_too_large};
+use crate::kafka::producer::{is_permanent, is_timeout, is_too_large};
 use crate::kafka::transaction::TxError;
 use crate::model::destination::DestinationError;
 use crate::model::headers::HeaderError;
@@ -72,10 +72,15 @@ impl ApiError {
 impl ApiError {
     /// A write (`what`: "message", "queue change", …) Kafka did not take: 503, safe to retry,
     /// unless Kafka refused it for good, which a retry cannot change (413 when too large, else
-    /// 400).
+    /// 400). A timeout is a 503 too, but says that the write may have been stored.
     pub fn not_stored(what: &str, e: &KafkaError) -> Self {
         if is_too_large(e) {
             ApiError::TooLargeForKafka(format!("{what} too large for Kafka, not stored: {e}"))
+        } else if is_timeout(e) {
+            // Kafka did not answer in time: the record may still have been written.
+            ApiError::Unavailable(format!(
+                "{what} not confirmed: Kafka did not answer in time, so it may or may not be stored; a retry may store it twice (Upstash-Deduplication-Id prevents that): {e}"
+            ))
         } else if is_permanent(e) {
             ApiError::BadRequest(format!("{what} refused by Kafka, not stored: {e}"))
         } else {

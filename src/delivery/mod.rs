@@ -15,6 +15,7 @@
 //! A record that is not a message this build can read is moved to the dlq topic with the reason
 //! (`crate::poison`), never committed and forgotten.
 
+pub mod copies;
 pub mod destinations;
 pub mod flow;
 pub mod guard;
@@ -43,13 +44,15 @@ use crate::model::queue::DEFAULT_PARALLELISM;
 use crate::poison::Quarantine;
 use crate::state::store::Progress;
 use crate::state::Views;
+use copies::Copies;
 use destinations::{DestinationLimits, Destinations, DESTINATION_LANE_PREFIX};
 use flow::FlowLimiters;
 use http::{HttpDelivery, Outcome};
 use outcome::{After, Sink};
 
-/// How often idle flow-control limiters are dropped.
-const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+/// How often idle flow-control limiters and destinations, and remembered finished messages, are
+/// dropped.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Delivers one envelope per record.
 pub struct Deliverer {
@@ -59,6 +62,8 @@ pub struct Deliverer {
     limiters: FlowLimiters,
     /// The per-destination bound and circuit breakers.
     destinations: Destinations,
+    /// Attempts in flight and messages finished recently: copies read twice are not attempted.
+    copies: Copies,
     /// Bounds for flow-control values read back from records (never above what the API took).
     flow_limits: FlowLimits,
     /// Where records that are not messages this build can read go.
@@ -88,6 +93,7 @@ impl Deliverer {
             views,
             limiters: FlowLimiters::default(),
             destinations: Destinations::new(destination_limits),
+            copies: Copies::default(),
             flow_limits,
             shutdown: shutdown.clone(),
         });
@@ -108,6 +114,7 @@ impl Deliverer {
                         "idle flow-control limiters dropped"
                     );
                 }
+                d.copies.sweep(now_ms());
                 let dropped = d.destinations.sweep();
                 if dropped > 0 {
                     tracing::debug!(dropped, "idle destinations dropped");
@@ -133,6 +140,12 @@ impl Deliverer {
     /// Delivers `envelope` (read from `record`) once, or says why not.
     async fn deliver(&self, mut envelope: Envelope, record: OwnedMessage) -> Done {
         let id = envelope.message_id.clone();
+        let Some(_attempt) = self.copies.start(&id, envelope.retried) else {
+            tracing::debug!(
+                "a copy of an attempt in flight, or of a message just finished; not attempted"
+            );
+            return Done::Finished;
+        };
         let progress = match self.views.store.progress(&id) {
             Ok(p) => p,
             Err(e) => {
@@ -186,8 +199,17 @@ impl Deliverer {
             }
             Err(reason) => Outcome::Error(reason),
         };
+        let done = matches!(
+            outcome::decide(&envelope, &outcome, now_ms()),
+            outcome::Decision::Delivered | outcome::Decision::Fail
+        );
         match outcome::handle(&self.sink, &self.shutdown, &envelope, outcome).await {
-            After::Finished => Done::Finished,
+            After::Finished => {
+                if done {
+                    self.copies.finished(&id, now_ms());
+                }
+                Done::Finished
+            }
             After::HandedBack => Done::HandedBack,
             After::RetryInPlace { at_ms, next } => Done::Again {
                 at_ms,
@@ -242,14 +264,13 @@ impl RecordHandler for Deliverer {
         }
     }
 
-    fn try_gate(&self, record: &BorrowedMessage<'_>) -> Result<Gate, String> {
-        let Some(destination) = header(record, DESTINATION_HEADER) else {
-            return Ok(Gate::none());
-        };
-        match self.destinations.try_acquire(destination) {
-            Some(permit) => Ok(Gate::hold(permit)),
-            None => Err(format!("{DESTINATION_LANE_PREFIX}{destination}")),
-        }
+    fn spill_lane(&self, record: &BorrowedMessage<'_>) -> Option<String> {
+        header(record, DESTINATION_HEADER).map(|d| format!("{DESTINATION_LANE_PREFIX}{d}"))
+    }
+
+    fn try_gate(&self, record: &BorrowedMessage<'_>) -> Option<Gate> {
+        let destination = header(record, DESTINATION_HEADER)?;
+        self.destinations.try_acquire(destination).map(Gate::hold)
     }
 
     async fn gate(&self, record: &OwnedMessage) -> Gate {

@@ -57,6 +57,12 @@ use crate::model::now_ms;
 const PAUSE_AFTER: Duration = Duration::from_secs(1);
 /// Timeout of the seek that hands back a record or rewinds a partition.
 const SEEK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a revocation waits for the attempts running on the revoked partitions to finish, so
+/// their records are committed rather than worked on again (a duplicate) by the next owner. The
+/// delay stage's last stretch (at most the smallest bucket, 1 s by default) fits in it.
+const REVOKE_DRAIN: Duration = Duration::from_secs(3);
+/// How often that wait looks.
+const REVOKE_DRAIN_POLL: Duration = Duration::from_millis(5);
 /// How soon a failed seek back is tried again (ms); the partition stays paused meanwhile.
 const RESEEK_RETRY_MS: i64 = 1000;
 /// Timeout of reading the committed offsets (and metadata) of newly assigned partitions.
@@ -113,11 +119,18 @@ pub trait RecordHandler: Send + Sync + 'static {
         None
     }
 
-    /// For a record without a lane: `Ok(gate)` starts it now, holding `gate` (limits that had
-    /// room at once); `Err(lane)` makes it wait in `lane`, whose [gate](RecordHandler::gate) then
-    /// waits for those limits (a destination at its bound).
-    fn try_gate(&self, _record: &BorrowedMessage<'_>) -> Result<Gate, String> {
-        Ok(Gate::none())
+    /// For a record without a lane of its own: the lane it waits in when the limits it shares
+    /// (a destination's bound) have no room for it now; `None` when it has no such limits.
+    fn spill_lane(&self, _record: &BorrowedMessage<'_>) -> Option<String> {
+        None
+    }
+
+    /// For a record with a [spill lane](RecordHandler::spill_lane): those limits, taken at once
+    /// (`None`: no room now, the record waits in its spill lane, whose
+    /// [gate](RecordHandler::gate) waits for them). Not asked while the spill lane holds records
+    /// (waiting, running or parked): they go first.
+    fn try_gate(&self, _record: &BorrowedMessage<'_>) -> Option<Gate> {
+        Some(Gate::none())
     }
 
     /// How lane `lane` may run now.
@@ -295,15 +308,35 @@ impl ConsumerContext for TrackingContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
-                let mut commit = TopicPartitionList::new();
+                let tps: Vec<Tp> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_string(), e.partition()))
+                    .collect();
                 {
+                    // Nothing new starts on these partitions; what waited in their lanes goes
+                    // (read again by the next owner).
                     let mut tracker = lock(&self.books.tracker);
                     let mut pauses = lock(&self.books.pauses);
                     let mut lanes = lock(&self.books.lanes);
-                    for elem in tpl.elements() {
-                        pauses.forget(&(elem.topic().to_string(), elem.partition()));
-                        lanes.revoke(elem.topic(), elem.partition());
-                        if let Some(c) = tracker.revoke(elem.topic(), elem.partition()) {
+                    for (topic, partition) in &tps {
+                        tracker.revoking(topic, *partition);
+                        pauses.forget(&(topic.clone(), *partition));
+                        for held in lanes.revoke(topic, *partition) {
+                            tracker.release(&held.ticket);
+                        }
+                    }
+                }
+                // Attempts running on them may finish first (bounded), so their records are
+                // committed here instead of being worked on again by the next owner.
+                if !self.books.closing.load(Ordering::SeqCst) {
+                    drain_attempts(&self.books, &tps);
+                }
+                let mut commit = TopicPartitionList::new();
+                {
+                    let mut tracker = lock(&self.books.tracker);
+                    for (topic, partition) in &tps {
+                        if let Some(c) = tracker.revoke(topic, *partition) {
                             add_commit(&mut commit, &c);
                         }
                     }
@@ -353,6 +386,55 @@ impl ConsumerContext for TrackingContext {
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // librdkafka keeps a partition's application pause across an unassign and a later assign
+        // (only its own pause is reset), while the books forgot why it was paused: a partition
+        // held until its head was due, revoked and assigned back, would never be resumed. So every
+        // assigned partition starts resumed (or paused, while the whole assignment is).
+        if let Rebalance::Assign(tpl) = rebalance {
+            let all = lock(&self.books.pauses).all;
+            let result = if all {
+                consumer.pause(tpl)
+            } else {
+                consumer.resume(tpl)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, paused = all, "could not reset the pause of assigned partitions");
+            }
+        }
+    }
+}
+
+/// Waits up to [`REVOKE_DRAIN`] until no attempt runs on the partitions `tps`. Called from the
+/// revoke callback, inside the poll of a runtime task: on a multi-thread runtime the wait
+/// moves the worker's other tasks elsewhere (`block_in_place`), so the attempts it waits for go
+/// on; on a single-thread runtime it cannot wait without stopping them, and does not.
+fn drain_attempts(books: &Books, tps: &[Tp]) {
+    let wait = || {
+        let deadline = std::time::Instant::now() + REVOKE_DRAIN;
+        loop {
+            let running = lock(&books.tracker).running(tps);
+            if running == 0 {
+                return;
+            }
+            if std::time::Instant::now() >= deadline {
+                tracing::debug!(
+                    running,
+                    "revoke: attempts still running are finished by the next owner too"
+                );
+                return;
+            }
+            std::thread::sleep(REVOKE_DRAIN_POLL);
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        Ok(_) => {}
+        Err(_) => wait(),
     }
 }
 
@@ -523,7 +605,24 @@ impl ParallelConsumer {
         }
         let lane = match rt.handler.lane(m) {
             Some(key) => Err(key),
-            None => rt.handler.try_gate(m),
+            None => match rt.handler.spill_lane(m) {
+                None => Ok(Gate::none()),
+                Some(key) => {
+                    let id = LaneId {
+                        topic: topic.to_string(),
+                        partition,
+                        key,
+                    };
+                    // A spill lane that holds records keeps taking them (its parked records must
+                    // come back through it); otherwise the record starts at once if it can.
+                    let gate = if lock(&self.books.lanes).contains(&id) {
+                        None
+                    } else {
+                        rt.handler.try_gate(m)
+                    };
+                    gate.ok_or(id.key)
+                }
+            },
         };
         match lane {
             Ok(gate) => {
@@ -853,20 +952,31 @@ async fn run_record<H: RecordHandler>(
                 _ = rt.shutdown.cancelled() => break,
             },
         };
+        if !lock(&rt.books.tracker).attempt_starts(&ticket) {
+            // Its partition is being (or was) revoked: the next owner has the record.
+            break;
+        }
         rt.in_flight.fetch_add(1, Ordering::Relaxed);
         let done = rt.handler.handle(record).await;
         rt.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(slot);
+        let ended = |tracker: &mut OffsetTracker| tracker.attempt_ended(&ticket);
         match done {
             Done::Finished => {
-                lock(&rt.books.tracker).finish(&ticket);
+                let mut tracker = lock(&rt.books.tracker);
+                tracker.finish(&ticket);
+                ended(&mut tracker);
                 break;
             }
-            Done::HandedBack => break,
+            Done::HandedBack => {
+                ended(&mut lock(&rt.books.tracker));
+                break;
+            }
             Done::Again {
                 at_ms,
                 record: again,
             } => {
+                ended(&mut lock(&rt.books.tracker));
                 drop(std::mem::replace(&mut gate, Gate::none()));
                 let wait = Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0));
                 tokio::select! {

@@ -45,8 +45,9 @@ pub fn rebalance<C: ConsumerContext>(
         // assigned (the group hands it out again), as librdkafka's own default does.
         Rebalance::Revoke(_) | Rebalance::Error(_) => consumer.unassign(),
     };
-    if let Err(e) = applied {
-        tracing::warn!(error = %e, "applying a rebalance failed");
+    match applied {
+        Ok(()) => context.post_rebalance(consumer, &rebalance),
+        Err(e) => tracing::warn!(error = %e, "applying a rebalance failed"),
     }
 }
 

@@ -128,6 +128,11 @@ impl<T> Lanes<T> {
         }
     }
 
+    /// Whether lane `id` holds records (waiting, running or parked).
+    pub fn contains(&self, id: &LaneId) -> bool {
+        self.lanes.contains_key(id)
+    }
+
     /// Records waiting in all lanes.
     pub fn buffered(&self) -> usize {
         self.buffered

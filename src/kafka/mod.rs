@@ -35,7 +35,7 @@ pub enum Role {
 
 /// librdkafka keys kstash sets from typed options or for correctness, with the typed key (or
 /// reason) to name in the error.
-const OWNED_KEYS: [(&str, &str); 17] = [
+const OWNED_KEYS: [(&str, &str); 18] = [
     ("bootstrap.servers", "kafka.brokers"),
     ("metadata.broker.list", "kafka.brokers"),
     ("client.id", "kafka.client_id"),
@@ -45,6 +45,7 @@ const OWNED_KEYS: [(&str, &str); 17] = [
     ("linger.ms", "kafka.linger"),
     ("queue.buffering.max.ms", "kafka.linger"),
     ("message.timeout.ms", "kafka.produce_timeout"),
+    ("request.timeout.ms", "kafka.produce_timeout"),
     (
         "message.max.bytes",
         "server.body_limit (records are sized to fit it)",
@@ -71,6 +72,8 @@ const OWNED_KEYS: [(&str, &str); 17] = [
 const HEARTBEATS_PER_SESSION: u32 = 6;
 /// Upper bound of the consumer fetch wait: keeps delivery latency low on idle partitions.
 const FETCH_WAIT_MAX_MS: &str = "100";
+/// librdkafka's default producer `request.timeout.ms`, kept when `kafka.produce_timeout` is longer.
+const MAX_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// librdkafka's default `fetch.max.bytes`: records up to this size need no consumer setting.
 const FETCH_MAX_BYTES_DEFAULT: usize = 52_428_800;
 /// `receive.message.max.bytes` must exceed `fetch.max.bytes` by the protocol overhead (512 B).
@@ -127,7 +130,13 @@ pub fn client_config(kafka: &KafkaConfig, role: Role) -> Result<ClientConfig, Co
             c.set("acks", "all")
                 .set("enable.idempotence", "true")
                 .set("linger.ms", millis(kafka.linger))
-                .set("message.timeout.ms", millis(kafka.produce_timeout));
+                .set("message.timeout.ms", millis(kafka.produce_timeout))
+                // A request in flight to a broker that stopped answering is bounded by this, not
+                // by message.timeout.ms: without it a publish could wait well past its timeout.
+                .set(
+                    "request.timeout.ms",
+                    millis(kafka.produce_timeout.min(MAX_REQUEST_TIMEOUT)),
+                );
             if kafka.max_record_bytes > 0 {
                 c.set("message.max.bytes", kafka.max_record_bytes.to_string());
             }

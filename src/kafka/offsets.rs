@@ -127,6 +127,10 @@ struct PartitionState {
     next: i64,
     /// Offset and metadata last committed successfully (or found committed on assignment).
     committed: Option<(i64, String)>,
+    /// Attempts running now (a handler working on a record of this partition).
+    running: usize,
+    /// Being revoked: no further attempt may start.
+    revoking: bool,
 }
 
 impl PartitionState {
@@ -331,6 +335,40 @@ impl OffsetTracker {
         self.partitions
             .remove(&(topic.to_string(), partition))?
             .due(topic, partition, self.max_metadata_bytes)
+    }
+
+    /// An attempt on the ticket's record is about to start: false (do not start it) when the
+    /// partition was revoked or is being revoked (its next owner reads the record again).
+    pub fn attempt_starts(&mut self, ticket: &Ticket) -> bool {
+        match self.current(ticket) {
+            Some(state) if !state.revoking => {
+                state.running += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// An attempt started with [`OffsetTracker::attempt_starts`] ended.
+    pub fn attempt_ended(&mut self, ticket: &Ticket) {
+        if let Some(state) = self.current(ticket) {
+            state.running = state.running.saturating_sub(1);
+        }
+    }
+
+    /// The partition is about to be revoked: no attempt starts any more.
+    pub fn revoking(&mut self, topic: &str, partition: i32) {
+        if let Some(state) = self.partitions.get_mut(&(topic.to_string(), partition)) {
+            state.revoking = true;
+        }
+    }
+
+    /// Attempts running on the partitions of `tps`.
+    pub fn running(&self, tps: &[(String, i32)]) -> usize {
+        tps.iter()
+            .filter_map(|tp| self.partitions.get(tp))
+            .map(|s| s.running)
+            .sum()
     }
 
     /// Records held across all partitions.

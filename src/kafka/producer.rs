@@ -58,6 +58,14 @@ where
     }
 }
 
+/// Whether the record timed out (`kafka.produce_timeout`): it may or may not have been written.
+pub fn is_timeout(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageTimedOut | RDKafkaErrorCode::RequestTimedOut)
+    )
+}
+
 /// Whether Kafka (or the client, before sending) refused a record for being too large.
 pub fn is_too_large(e: &KafkaError) -> bool {
     matches!(
