@@ -74,6 +74,9 @@ enum Bench {
     Throughput(ThroughputArgs),
     /// FIFO queues (order violations, duplicates, rates) and flow-control limits (rate, parallelism).
     Order(OrderArgs),
+    /// What a destination that never answers, with a backlog, costs a healthy one: its delivery
+    /// rate alone and then beside the hanging backlog.
+    Isolation(IsolationArgs),
 }
 
 #[derive(Args, Clone)]
@@ -201,6 +204,24 @@ struct ThroughputArgs {
     grace: Duration,
 }
 
+#[derive(Args, Clone)]
+struct IsolationArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Messages to the healthy destination in each run.
+    #[arg(long, default_value_t = 4000)]
+    count: usize,
+    /// Messages to the destination that never answers (second run), published first.
+    #[arg(long, default_value_t = 1000)]
+    hanging: usize,
+    /// Concurrent publishing clients.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// How long to wait, after the last publish, for missing deliveries.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    grace: Duration,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum OrderPart {
     Fifo,
@@ -281,6 +302,7 @@ async fn main() -> Result<()> {
             Bench::Memory(a) => memory_bench(a).await,
             Bench::Throughput(a) => throughput_bench(a).await,
             Bench::Order(a) => order_bench(a).await,
+            Bench::Isolation(a) => isolation_bench(a).await,
         }
     };
     // On Ctrl-C or SIGTERM the benchmark future is dropped, which kills kstash (see `Drop`).
@@ -679,6 +701,97 @@ async fn settle(kstash: &Kstash, a: &MemoryArgs) -> Result<(Memory, Duration)> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// Body size of the isolation bench's messages (bytes).
+const ISOLATION_BODY_BYTES: usize = 64;
+/// The hanging destination holds every request this long (longer than any run).
+const HANG: Duration = Duration::from_secs(3600);
+/// How long the isolation bench lets the hanging destination fill its slots before measuring.
+const HANG_SETTLE: Duration = Duration::from_secs(10);
+
+/// Deliveries per second of `run` at `receiver`: delivered messages over first send → last
+/// arrival.
+fn delivery_rate(run: &PublishRun, receiver: &Receiver) -> (usize, f64) {
+    let arrivals = receiver.arrivals();
+    let (mut first, mut last, mut delivered) = (f64::MAX, f64::MIN, 0);
+    for s in run.results.iter().filter(|s| s.ok) {
+        first = first.min(s.sent_ms);
+        if let Some(at) = arrivals[s.id] {
+            delivered += 1;
+            last = last.max(at);
+        }
+    }
+    (delivered, delivered as f64 / ((last - first) / 1e3))
+}
+
+async fn isolation_bench(a: IsolationArgs) -> Result<()> {
+    let job = |label, count| PublishJob {
+        label,
+        first_id: 0,
+        count,
+        delay: Arc::new(|_| None),
+        body_bytes: ISOLATION_BODY_BYTES,
+        concurrency: a.concurrency,
+        rate: None,
+        route: None,
+        streams: None,
+    };
+    let mut rows = Vec::new();
+    let mut env = String::new();
+    for with_hanging in [false, true] {
+        let clock = Instant::now();
+        let healthy = Receiver::start(clock, a.count).await?;
+        let hanging = Receiver::start_holding(clock, a.hanging, HANG).await?;
+        let kstash = Kstash::spawn(&a.common.options()).await?;
+        env = environment(&a.common, &kstash);
+        let mut held = 0;
+        if with_hanging {
+            let to_hanging = Publisher::new(&kstash, &hanging, a.concurrency)?;
+            to_hanging
+                .publish(job("hanging backlog", a.hanging))
+                .await?;
+            tokio::time::sleep(HANG_SETTLE).await;
+            held = hanging.max_in_flight();
+            progress(format!(
+                "isolation: the hanging destination holds {held} requests"
+            ));
+        }
+        let to_healthy = Publisher::new(&kstash, &healthy, a.concurrency)?;
+        let run = to_healthy.publish(job("healthy", a.count)).await?;
+        healthy
+            .wait_for(run.ok_count(), a.grace, "healthy deliveries")
+            .await;
+        let (delivered, rate) = delivery_rate(&run, &healthy);
+        rows.push((with_hanging, delivered, rate, held));
+        kstash.stop().await?;
+    }
+    let baseline = rows[0].2;
+    let mut out = format!(
+        "{env}
+
+"
+    );
+    out += &format!(
+        "isolation: {} messages to a healthy destination with {} clients, alone and after {} messages to a destination that never answers
+
+",
+        a.count, a.concurrency, a.hanging
+    );
+    out += "| run | healthy delivered | healthy deliveries/s | vs alone | requests held by the hanging destination |\n|---|---:|---:|---:|---:|\n";
+    for (with_hanging, delivered, rate, held) in rows {
+        out += &format!(
+            "| {} | {delivered} | {rate:.0} | {:.2} | {held} |\n",
+            if with_hanging {
+                "beside a hanging backlog"
+            } else {
+                "alone"
+            },
+            rate / baseline
+        );
+    }
+    println!("{out}");
+    Ok(())
 }
 
 async fn throughput_bench(a: ThroughputArgs) -> Result<()> {
