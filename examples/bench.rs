@@ -722,6 +722,9 @@ fn delivery_rate(run: &PublishRun, receiver: &Receiver) -> (usize, f64) {
             last = last.max(at);
         }
     }
+    if delivered == 0 {
+        return (0, 0.0);
+    }
     (delivered, delivered as f64 / ((last - first) / 1e3))
 }
 
