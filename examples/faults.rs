@@ -535,11 +535,7 @@ async fn warm_up(load: &Arc<Load>, receiver: &Receiver) -> Result<()> {
         );
     }
     loop {
-        let arrivals = receiver.arrivals();
-        let missing = accepted
-            .iter()
-            .filter(|&&id| arrivals[id].is_none())
-            .count();
+        let missing = not_arrived(receiver, &accepted);
         if missing == 0 {
             break;
         }
@@ -735,11 +731,7 @@ async fn drain(which: Which, a: &FaultArgs, load: &Load, receiver: &Receiver) ->
         .collect();
     let mut next_note = start + support::PROGRESS_EVERY;
     loop {
-        let arrivals = receiver.arrivals();
-        let missing = accepted
-            .iter()
-            .filter(|&&id| arrivals[id].is_none())
-            .count();
+        let missing = not_arrived(receiver, &accepted);
         if missing == 0 {
             return Some(start.elapsed());
         }
@@ -1882,4 +1874,13 @@ fn environment(a: &FaultArgs, took: Duration) -> String {
         a.produce_timeout.as_millis(),
         took.as_secs_f64(),
     )
+}
+
+/// How many of `accepted` have not arrived at `receiver` yet.
+fn not_arrived(receiver: &Receiver, accepted: &[usize]) -> usize {
+    let arrivals = receiver.arrivals();
+    accepted
+        .iter()
+        .filter(|&&id| arrivals[id].is_none())
+        .count()
 }
