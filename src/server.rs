@@ -128,8 +128,10 @@ pub async fn start(
     }
     kafka::check_passthrough(&config.kafka).map_err(SetupError::from)?;
     config.kafka.max_record_bytes = config.record_limit();
-    let partitions =
-        kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
+    let kafka::topics::Ensured {
+        partitions,
+        cluster_id,
+    } = kafka::topics::ensure(&config.kafka, topics::specs(&config), embedded.as_deref()).await?;
     let names = TopicNames::of(&config);
     let (schedules, fires) = (
         names.state(Kind::Schedules),
@@ -163,9 +165,7 @@ pub async fn start(
 
     // A store kept in `state.dir` is reused when it was built from this cluster and prefix: the
     // views then read only what is new since the last run.
-    let identity = kafka::topics::cluster_id(&config.kafka)
-        .await?
-        .map(|cluster| format!("{cluster}|{}", config.kafka.topic_prefix));
+    let identity = cluster_id.map(|cluster| format!("{cluster}|{}", config.kafka.topic_prefix));
     let store = Arc::new(Store::open(
         Some(config.state.dir.as_str())
             .filter(|d| !d.is_empty())

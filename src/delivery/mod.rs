@@ -199,13 +199,9 @@ impl Deliverer {
             }
             Err(reason) => Outcome::Error(reason),
         };
-        let done = matches!(
-            outcome::decide(&envelope, &outcome, now_ms()),
-            outcome::Decision::Delivered | outcome::Decision::Fail
-        );
         match outcome::handle(&self.sink, &self.shutdown, &envelope, outcome).await {
-            After::Finished => {
-                if done {
+            After::Finished { ended } => {
+                if ended {
                     self.copies.finished(&id, now_ms());
                 }
                 Done::Finished

@@ -98,8 +98,9 @@ impl Sink {
 /// How the record of an attempt is left.
 #[derive(Debug)]
 pub enum After {
-    /// Done: delivered, failed to the DLQ, or its retry copy stored.
-    Finished,
+    /// Done: delivered or failed for good (`ended`: no attempt of the message follows), or its
+    /// retry copy stored.
+    Finished { ended: bool },
     /// Kafka did not take a follow-up before shutdown: the attempt is made again by whoever reads
     /// the record next.
     HandedBack,
@@ -272,7 +273,7 @@ pub async fn handle(
             return After::HandedBack;
         }
     }
-    let mut after = After::Finished;
+    let mut after = After::Finished { ended: false };
     let mut refused_retry = None;
     if let Decision::Retry { at_ms } = decision {
         let mut next = envelope.clone();
@@ -362,6 +363,7 @@ pub async fn handle(
     }
     if matches!(decision, Decision::Delivered | Decision::Fail) {
         sink.finished(shutdown, envelope).await;
+        return After::Finished { ended: true };
     }
     after
 }

@@ -960,23 +960,19 @@ async fn run_record<H: RecordHandler>(
         let done = rt.handler.handle(record).await;
         rt.in_flight.fetch_sub(1, Ordering::Relaxed);
         drop(slot);
-        let ended = |tracker: &mut OffsetTracker| tracker.attempt_ended(&ticket);
-        match done {
-            Done::Finished => {
-                let mut tracker = lock(&rt.books.tracker);
+        {
+            let mut tracker = lock(&rt.books.tracker);
+            tracker.attempt_ended(&ticket);
+            if matches!(done, Done::Finished) {
                 tracker.finish(&ticket);
-                ended(&mut tracker);
-                break;
             }
-            Done::HandedBack => {
-                ended(&mut lock(&rt.books.tracker));
-                break;
-            }
+        }
+        match done {
+            Done::Finished | Done::HandedBack => break,
             Done::Again {
                 at_ms,
                 record: again,
             } => {
-                ended(&mut lock(&rt.books.tracker));
                 drop(std::mem::replace(&mut gate, Gate::none()));
                 let wait = Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0));
                 tokio::select! {

@@ -35,13 +35,21 @@ pub struct TopicSpec {
     pub min_record_bytes: usize,
 }
 
-/// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists; returns
-/// each topic's actual number of partitions.
+/// What [`ensure`] found.
+#[derive(Debug)]
+pub struct Ensured {
+    /// Each topic's actual number of partitions.
+    pub partitions: HashMap<String, i32>,
+    /// The cluster's id, if it says.
+    pub cluster_id: Option<String>,
+}
+
+/// Creates what is missing (if `kafka.create_topics`) and checks that every topic exists.
 pub async fn ensure(
     kafka: &KafkaConfig,
     specs: Vec<TopicSpec>,
     embedded: Option<&EmbeddedCluster>,
-) -> Result<HashMap<String, i32>, SetupError> {
+) -> Result<Ensured, SetupError> {
     match embedded {
         Some(cluster) => {
             for s in &specs {
@@ -53,29 +61,29 @@ pub async fn ensure(
         None if kafka.create_topics => create(kafka, &specs).await?,
         None => {}
     }
-    let counts = {
+    let partitions = {
         let (kafka, specs) = (kafka.clone(), specs.clone());
         tokio::task::spawn_blocking(move || check_exist(&kafka, &specs))
             .await
             .map_err(|e| SetupError::Topics(e.to_string()))??
     };
+    let cluster_id = cluster_id(kafka).await?;
     // The mock cluster does not describe configs (and takes records of any size), also when a
-    // child process uses one as a plain broker.
-    if embedded.is_none() && !is_mock_cluster(kafka).await? {
+    // child process uses one as a plain broker (its ids start with [`MOCK_CLUSTER_ID_PREFIX`]).
+    let mock = cluster_id
+        .as_deref()
+        .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX));
+    if embedded.is_none() && !mock {
         check_record_limits(kafka, &specs).await?;
     }
-    Ok(counts)
-}
-
-/// Whether the cluster is librdkafka's mock cluster (its ids start with [`MOCK_CLUSTER_ID_PREFIX`]).
-async fn is_mock_cluster(kafka: &KafkaConfig) -> Result<bool, SetupError> {
-    Ok(cluster_id(kafka)
-        .await?
-        .is_some_and(|id| id.starts_with(MOCK_CLUSTER_ID_PREFIX)))
+    Ok(Ensured {
+        partitions,
+        cluster_id,
+    })
 }
 
 /// The cluster's id, if it says.
-pub async fn cluster_id(kafka: &KafkaConfig) -> Result<Option<String>, SetupError> {
+async fn cluster_id(kafka: &KafkaConfig) -> Result<Option<String>, SetupError> {
     let client: BaseConsumer = create_client(kafka, Role::Admin)?;
     tokio::task::spawn_blocking(move || client.client().fetch_cluster_id(ADMIN_TIMEOUT))
         .await

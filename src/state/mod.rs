@@ -398,11 +398,7 @@ impl Views {
         if settings_changed {
             self.settings.send_modify(|generation| *generation += 1);
         }
-        if positions.is_empty() {
-            self.store.apply(changes)
-        } else {
-            self.store.apply_read(changes, positions)
-        }
+        self.store.apply_read(changes, positions)
     }
 
     /// Notified whenever queue or flow-control settings change.

@@ -230,9 +230,11 @@ impl Store {
             for change in changes {
                 apply_one(tx, change)?;
             }
-            let mut t = tx.open_table(POSITIONS)?;
-            for ((topic, partition), next) in positions {
-                t.insert((topic.as_str(), *partition), *next)?;
+            if !positions.is_empty() {
+                let mut t = tx.open_table(POSITIONS)?;
+                for ((topic, partition), next) in positions {
+                    t.insert((topic.as_str(), *partition), *next)?;
+                }
             }
             Ok(())
         })
@@ -240,12 +242,7 @@ impl Store {
 
     /// Applies changes in one transaction.
     pub fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
-        self.write(|tx| {
-            for change in changes {
-                apply_one(tx, change)?;
-            }
-            Ok(())
-        })
+        self.apply_read(changes, &[])
     }
 
     /// Fault injection: the next `n` writes fail (as a full disk would make them), so tests can
