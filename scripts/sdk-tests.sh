@@ -4,13 +4,20 @@
 #   scripts/sdk-tests.sh
 #
 # Starts `kstash dev` (embedded Kafka, QStash dev token and keys) on a free loopback
-# port and runs two compatibility suites against it by base URL alone:
-#   sdk-tests/ts/compat.mjs  -- @upstash/qstash (TypeScript SDK, pinned in package.json
-#                               + package-lock.json), plain Node >= 20 ESM
-#   sdk-tests/py/compat.py   -- qstash (Python SDK, pinned in requirements.txt)
+# port and runs three compatibility suites against it, one after another, by base URL alone:
+#   sdk-tests/ts/compat.mjs        -- @upstash/qstash (TypeScript SDK, pinned in package.json
+#                                     + package-lock.json), plain Node >= 20 ESM
+#   sdk-tests/py/compat.py         -- qstash (Python SDK, pinned in requirements.txt), the
+#                                     synchronous QStash client
+#   sdk-tests/py/compat_async.py   -- the same Python SDK's asyncio AsyncQStash client
 # Each suite prints `ok - …` / `not ok - …: reason` lines and `N passed, M failed`; this
 # script ends with the combined `total: N passed, M failed` line and exits non-zero if
-# either suite failed (or kstash could not be started).
+# any suite failed (or kstash could not be started).
+#
+# kstash is started with KSTASH_LLM_BASE_URL=http://127.0.0.1:$SDK_LLM_STUB_PORT and
+# KSTASH_LLM_TOKEN=stub-token (a free port picked here and exported): the suites start
+# their own OpenAI-compatible stub on that port, one suite at a time, for the `api/llm`
+# destination.
 #
 # Environment:
 #   KSTASH_BIN      kstash binary (default target/debug/kstash; built with `cargo build`
@@ -127,12 +134,17 @@ free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
+# The port of the suites' LLM stub (kstash maps the `api/llm` destination to it).
+SDK_LLM_STUB_PORT=$(free_port)
+export SDK_LLM_STUB_PORT
+
 # A port picked this way can in theory be taken before kstash binds it: retry then.
 PORT=""
 for attempt in 1 2 3; do
   port=$(free_port)
   log "starting kstash dev on 127.0.0.1:$port (log: $KSTASH_LOG) ..."
-  "$KSTASH_BIN" dev --port "$port" >"$KSTASH_LOG" 2>&1 &
+  KSTASH_LLM_BASE_URL="http://127.0.0.1:$SDK_LLM_STUB_PORT" KSTASH_LLM_TOKEN="stub-token" \
+    "$KSTASH_BIN" dev --port "$port" >"$KSTASH_LOG" 2>&1 &
   KSTASH_PID=$!
   deadline=$(( $(date +%s) + START_TIMEOUT ))
   while (( $(date +%s) < deadline )); do
@@ -156,7 +168,7 @@ for attempt in 1 2 3; do
   die "kstash exited during startup (exit code $code)"
 done
 [[ -n "$PORT" ]] || die "could not start kstash"
-log "kstash is up on 127.0.0.1:$PORT ($(( $(date +%s) - STARTED_AT ))s so far)"
+log "kstash is up on 127.0.0.1:$PORT (LLM stub port $SDK_LLM_STUB_PORT; $(( $(date +%s) - STARTED_AT ))s so far)"
 
 export KSTASH_URL="http://127.0.0.1:$PORT"
 export KSTASH_TOKEN="eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="
@@ -189,6 +201,7 @@ run_suite() {
 
 run_suite ts node "$TS_DIR/compat.mjs"
 run_suite py "$VENV/bin/python" "$PY_DIR/compat.py"
+run_suite py-async "$VENV/bin/python" "$PY_DIR/compat_async.py"
 
 stop_kstash
 if (( ${#failed_suites[@]} > 0 )); then

@@ -54,6 +54,8 @@ pub struct Config {
     pub queues: QueuesConfig,
     pub flow_control: FlowControlConfig,
     pub state: StateConfig,
+    pub llm: LlmConfig,
+    pub rate_limit: RateLimitConfig,
     pub dev: DevConfig,
 }
 
@@ -204,6 +206,26 @@ pub struct StateConfig {
     pub long_delay_after: Duration,
 }
 
+/// `[llm]`: where the deprecated `api/llm` destination goes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlmConfig {
+    /// OpenAI-compatible base URL; empty: `api/llm` is refused.
+    pub base_url: String,
+    /// Bearer token for it; empty: none.
+    pub token: String,
+}
+
+/// `[rate_limit]`: the per-token limit on management calls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Calls per token per second; 0: off.
+    pub management_per_second: u32,
+    /// Bucket size; 0: `management_per_second`.
+    pub burst: u32,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevConfig {
@@ -284,6 +306,11 @@ impl Config {
             }
         }
         crate::delay::ladder::Ladder::new(&self.delay.buckets).map_err(ConfigError::Invalid)?;
+        if !self.llm.base_url.is_empty() {
+            crate::model::destination::validate_url(&self.llm.base_url).map_err(|e| {
+                ConfigError::Invalid(format!("llm.base_url (KSTASH_LLM_BASE_URL): {e}"))
+            })?;
+        }
         self.validate_topics()?;
         self.validate_record_limit()?;
         let positive_counts = [

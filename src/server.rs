@@ -31,6 +31,7 @@ use crate::kafka::{self, Producer, Role, SetupError};
 use crate::model::flow::FlowLimits;
 use crate::model::headers::Limits;
 use crate::model::ids;
+use crate::model::signing_keys::SigningKeysRecord;
 use crate::poison::Quarantine;
 use crate::schedule::{Scheduler, SchedulerTopics};
 use crate::signing::Signer;
@@ -173,7 +174,7 @@ pub async fn start(
         config.state.cache_bytes,
         identity.as_deref(),
     )?);
-    let views = Arc::new(Views::new(store.clone()));
+    let views = Arc::new(Views::new(store.clone(), signer.clone()));
     let health = Health::default();
     crate::health::start_probe(&config.kafka, health.clone(), shutdown.clone())?;
 
@@ -194,6 +195,7 @@ pub async fn start(
         health.clone(),
     );
     state.dev_room.clone_from(&room);
+    let state_writer = state.writer.clone();
     let app = api::router(state);
     tasks.spawn(crate::listener::serve(
         listener,
@@ -213,6 +215,13 @@ pub async fn start(
         shutdown.clone(),
     )?;
     let _ = caught_up.wait_for(|c| *c).await;
+    // The configured keys seed the signing-keys topic when it holds nothing yet.
+    if views.signer.record().is_none() {
+        let seed = SigningKeysRecord::seed(&config.signing.current_key, &config.signing.next_key);
+        if let Err(e) = state_writer.put(seed).await {
+            tracing::warn!(error = %e, "could not seed the signing-keys topic; signing with the configured keys");
+        }
+    }
     tasks.spawn(prune_loop(
         store.clone(),
         config.state.clone(),
@@ -390,7 +399,6 @@ pub fn api_state(
             ),
             config.state.long_delay_after,
         ),
-        signer: Signer::new(&config.signing.current_key, &config.signing.next_key),
         dedup_window: config.state.dedup_window,
         tokens: Tokens::new(config.auth.tokens.clone()),
         body_limit: config.server.body_limit,
@@ -401,6 +409,8 @@ pub fn api_state(
         global_parallelism: (config.delivery.max_in_flight, in_flight),
         health,
         dev_room: None,
+        llm: crate::api::llm::Llm::new(&config.llm),
+        management_limit: crate::api::rate_limit::ManagementLimit::new(&config.rate_limit),
     }
 }
 

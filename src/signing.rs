@@ -3,6 +3,10 @@
 //! The key is the UTF-8 bytes of the `sig_…` string itself, as the SDK receivers expect. The
 //! `body` claim is base64url (with padding) of SHA-256 over the exact bytes sent; receivers strip
 //! padding before comparing, so padded tokens verify in both SDKs.
+//!
+//! The [`Signer`] is also the view of the signing-keys topic (`model::signing_keys`): it starts
+//! with the configured keys and takes every newer record the views read, so a rotation through
+//! any process changes what every process signs with. Clones share the keys.
 
 use base64::engine::general_purpose::URL_SAFE;
 use base64::Engine;
@@ -10,7 +14,10 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use std::sync::{Arc, RwLock};
+
 use crate::model::ids;
+use crate::model::signing_keys::SigningKeysRecord;
 
 /// Issuer claim the SDK receivers require.
 pub const ISSUER: &str = "Upstash";
@@ -31,9 +38,17 @@ pub struct Claims {
 /// Signs deliveries with the current key; knows the next key for rotation.
 #[derive(Clone)]
 pub struct Signer {
+    keys: Arc<RwLock<Keys>>,
+}
+
+/// The keys in force and when they were set.
+struct Keys {
     current: String,
     next: String,
     key: EncodingKey,
+    /// `updatedAt` of the record they came from; `None` for the configured keys before the
+    /// topic was read.
+    updated_at: Option<i64>,
 }
 
 impl std::fmt::Debug for Signer {
@@ -43,20 +58,63 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
+    /// A signer with the configured keys, until a record of the signing-keys topic replaces them.
     pub fn new(current: &str, next: &str) -> Self {
         Signer {
-            current: current.to_string(),
-            next: next.to_string(),
-            key: EncodingKey::from_secret(current.as_bytes()),
+            keys: Arc::new(RwLock::new(Keys {
+                current: current.to_string(),
+                next: next.to_string(),
+                key: EncodingKey::from_secret(current.as_bytes()),
+                updated_at: None,
+            })),
         }
     }
 
-    pub fn current_key(&self) -> &str {
-        &self.current
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Keys> {
+        // A writer never panics while holding the lock (it only assigns), so poisoning cannot
+        // leave half-set keys; take them anyway.
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn next_key(&self) -> &str {
-        &self.next
+    pub fn current_key(&self) -> String {
+        self.read().current.clone()
+    }
+
+    pub fn next_key(&self) -> String {
+        self.read().next.clone()
+    }
+
+    /// The keys in force as a record (the base of a rotation); `None` until a record of the
+    /// signing-keys topic was read (the topic is then still to be seeded).
+    pub fn record(&self) -> Option<SigningKeysRecord> {
+        let keys = self.read();
+        keys.updated_at.map(|updated_at| SigningKeysRecord {
+            v: crate::model::signing_keys::SIGNING_KEYS_VERSION,
+            id: String::new(),
+            current: keys.current.clone(),
+            next: keys.next.clone(),
+            updated_at,
+        })
+    }
+
+    /// Takes `record` unless the keys in force are newer (records arrive in any order across
+    /// the seed and rotation keys, and a process reads its own writes twice).
+    pub fn apply(&self, record: &SigningKeysRecord) {
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if keys.updated_at.is_some_and(|at| at > record.updated_at) {
+            return;
+        }
+        if keys.current != record.current {
+            keys.key = EncodingKey::from_secret(record.current.as_bytes());
+            keys.current.clone_from(&record.current);
+        }
+        keys.next.clone_from(&record.next);
+        keys.updated_at = Some(record.updated_at);
     }
 
     /// A token for a request with `body` sent to `url`, valid from `now_secs`.
@@ -70,7 +128,7 @@ impl Signer {
             jti: ids::jwt_id(),
             body: body_hash(body),
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.read().key)
             .expect("HS256 signing with an in-memory key cannot fail")
     }
 }
@@ -115,6 +173,36 @@ mod tests {
             &validation,
         );
         assert!(wrong.is_err(), "must not verify with another key");
+    }
+
+    #[test]
+    fn records_replace_the_keys_unless_older() {
+        let signer = Signer::new("sig_config_aaaaaaaaaaaaaaaaaaaaaaa", "sig_config_next");
+        let shared = signer.clone();
+        assert!(
+            signer.record().is_none(),
+            "configured keys are not a record"
+        );
+        let seed = SigningKeysRecord::seed("sig_seed_current_aaaaaaaaaaaaaaaa", "sig_seed_next");
+        let rotation = seed.rotated(1_000);
+        shared.apply(&rotation);
+        // The seed is older than the rotation, whatever order they are read in.
+        shared.apply(&seed);
+        assert_eq!(signer.current_key(), rotation.current);
+        assert_eq!(signer.next_key(), rotation.next);
+        assert_eq!(signer.record().unwrap().updated_at, 1_000);
+
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_issuer(&[ISSUER]);
+        let token = signer.sign("https://example.com", b"", 1);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        let ok = jsonwebtoken::decode::<Claims>(
+            &token,
+            &DecodingKey::from_secret(rotation.current.as_bytes()),
+            &validation,
+        );
+        assert!(ok.is_ok(), "signed with the rotated current key");
     }
 
     #[test]

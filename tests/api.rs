@@ -36,7 +36,10 @@ fn app_with(kafka: &TestKafka, adjust: impl FnOnce(&mut kstash::config::Config))
     api::router(kstash::server::api_state(
         &config,
         kstash::kafka::Producer::new(&config.kafka).unwrap(),
-        Arc::new(kstash::state::Views::new(Arc::new(store))),
+        Arc::new(kstash::state::Views::new(
+            Arc::new(store),
+            kstash::signing::Signer::new(&config.signing.current_key, &config.signing.next_key),
+        )),
         Arc::new(AtomicUsize::new(0)),
         health,
     ))

@@ -16,7 +16,9 @@ groups, queues and schedules (one firing every minute, awaited for up to 75 s) a
 them again.
 """
 
+import base64
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -30,6 +32,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from qstash import QStash, Receiver
+from qstash.chat import custom, openai
 from qstash.errors import QStashError, SignatureError
 from qstash.log import LogState
 from qstash.message import FlowControl
@@ -568,8 +571,12 @@ def run_suite(receiver_base):
     url_group_checks(ctx, keys)
     batch_checks(ctx)
     schedule_checks(ctx)
+    redact_checks(ctx)
+    llm_checks(ctx)
     schedule_firing_checks(ctx, firing, keys)
     cancelled_never_delivered(ctx)
+    # Key rotation under load, last: the checks above verify with the keys fetched at the start.
+    rotation_checks(ctx)
 
 
 # ---------------------------------------------------------------------------------------
@@ -2026,6 +2033,432 @@ def schedule_firing_checks(ctx, firing, keys):
         poll_until_404("schedule.get(deleted)", lambda: client.schedule.get(firing["id"]))
 
     check('schedule.delete of the "* * * * *" schedule: get() then raises status 404', delete)
+
+
+# ---------------------------------------------------------------------------------------
+# Redaction (redact= / Upstash-Redact-Fields): every API view shows REDACTED:<sha256 hex>
+# instead of the value; the delivery carries the real values.
+# ---------------------------------------------------------------------------------------
+def redacted_of(value):
+    if isinstance(value, str):
+        value = value.encode("utf-8")
+    return "REDACTED:" + hashlib.sha256(value).hexdigest()
+
+
+def header_values(headers, name):
+    """Case-insensitive lookup in an API header map; the values as a list (or None)."""
+    for k, v in (headers or {}).items():
+        if k.lower() == name.lower():
+            return v if isinstance(v, list) else [v]
+    return None
+
+
+def expect_header(headers, name, want, what):
+    expect_equal(header_values(headers, name), [want], f"{what} header {name} (all: {headers!r})")
+
+
+def far_not_before():
+    """A not_before that is never due during the run (the message stays pending)."""
+    return int(time.time()) + 3600
+
+
+def redact_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    secret, plain = f"s3cret {run_id}", f"plain {run_id}"
+    pending = []
+
+    def publish_and_get(name, body, **kwargs):
+        res = bounded(lambda: client.message.publish(url=f"{base}/py/{run_id}/{name}", body=body,
+                                                     not_before=far_not_before(), **kwargs),
+                      f"message.publish({name})")
+        pending.append(res.message_id)
+        return poll("message.get", lambda: client.message.get(res.message_id))
+
+    def body_and_one_header():
+        body = f"redacted body {run_id}"
+        m = publish_and_get("redact-get", body, redact={"body": True, "header": ["X-Secret"]},
+                            headers={"X-Secret": secret, "X-Plain": plain})
+        expect_equal(m.body, redacted_of(body), "body")
+        expect_header(m.headers, "X-Secret", redacted_of(secret), "message.get")
+        expect_header(m.headers, "X-Plain", plain, "message.get")
+
+    check('redact={"body": True, "header": ["X-Secret"]}: message.get shows REDACTED:<sha256> for '
+          'the body and that header only', body_and_one_header)
+
+    def all_headers():
+        m = publish_and_get("redact-all-headers", "kept body", redact={"header": True},
+                            headers={"X-Secret": secret, "X-Plain": plain})
+        expect_equal(m.body, "kept body", "body")
+        expect_header(m.headers, "X-Secret", redacted_of(secret), "message.get")
+        expect_header(m.headers, "X-Plain", redacted_of(plain), "message.get")
+
+    check('redact={"header": True}: every header value is redacted, the body is not', all_headers)
+
+    def unknown_token():
+        # qstash prefixes every user header with Upstash-Forward-, so the raw header goes through
+        # the SDK's own HTTP client.
+        accepted = bounded(lambda: client.http.request(
+            path=f"/v2/publish/{base}/py/{run_id}/redact-token-ok", method="POST", body="x",
+            headers={"Upstash-Redact-Fields": "body", "Upstash-Not-Before": str(far_not_before())}),
+            "publish(Upstash-Redact-Fields: body)")
+        pending.append(accepted["messageId"])
+        expect_status(lambda: client.http.request(
+            path=f"/v2/publish/{base}/py/{run_id}/redact-bad", method="POST", body="x",
+            headers={"Upstash-Redact-Fields": "bodyy"}), 400, "publish(Upstash-Redact-Fields: bodyy)")
+
+    check('Upstash-Redact-Fields "bodyy" (unknown token) raises QStashError status 400, while '
+          '"body" is accepted', unknown_token)
+
+    if pending:
+        check("redact: the far-future redacted messages are cancelled (cancel_many)",
+              lambda: expect_equal(bounded(lambda: client.message.cancel_many(pending),
+                                           "message.cancel_many"), len(pending), "cancelled"))
+
+    path = f"/py/{run_id}/redact-delivered"
+    body = f"delivered secret body {run_id}"
+    got = {}
+
+    def delivered():
+        res = bounded(lambda: client.message.publish(
+            url=f"{base}{path}", body=body, redact={"body": True, "header": ["X-Secret"]},
+            headers={"X-Secret": secret}), "message.publish(redact)")
+        got["id"] = res.message_id
+        d = wait_for_message(path, res.message_id)
+        expect_equal(d["body"], body.encode(), "delivered body")
+        expect_equal(d["headers"].get("x-secret"), secret, "delivered X-Secret")
+
+    check("redact: the delivery carries the real body and header", delivered)
+
+    def logs_redacted():
+        def find():
+            r = quiet(lambda: client.log.list(filter={"message_id": got["id"]}))()
+            return r.logs if any(log.state == LogState.DELIVERED for log in r.logs) else None
+
+        logs = poll("DELIVERED in the log", find)
+        want = base64.b64encode(redacted_of(body).encode()).decode()
+        with_body = [log for log in logs if log.body_base64 is not None]
+        if not with_body:
+            raise CheckFailed(f"no entry has a body: {logs!r}")
+        for log in with_body:
+            expect_equal(log.body_base64, want, f"body_base64 of the {log.state} entry")
+        with_header = [log for log in logs if header_values(log.headers, "X-Secret")]
+        if not with_header:
+            raise CheckFailed(f"no entry has the X-Secret header: {logs!r}")
+        for log in with_header:
+            expect_header(log.headers, "X-Secret", redacted_of(secret), f"{log.state} entry")
+        text = repr(logs)
+        if secret in text or base64.b64encode(body.encode()).decode() in text:
+            raise CheckFailed(f"a log entry holds the real value: {text}")
+
+    if got.get("id"):
+        check("redact: log.list entries carry body_base64 = base64(REDACTED:<sha256>) and the "
+              "redacted header, never the values", logs_redacted)
+
+    dlq_path = f"/py/{run_id}/redact-dlq"
+    dlq_body = f"dlq secret body {run_id}"
+    plan_statuses(dlq_path, [500])
+
+    def dlq_redacted():
+        res = bounded(lambda: client.message.publish(
+            url=f"{base}{dlq_path}", body=dlq_body, retries=0,
+            redact={"body": True, "header": ["X-Secret"]}, headers={"X-Secret": secret}),
+            "message.publish(redact, retries=0)")
+
+        def find():
+            r = client.dlq.list(filter={"message_id": res.message_id})
+            return r.messages[0] if r.messages else None
+
+        entry = poll("the DLQ entry", find)
+        expect_equal(entry.body, redacted_of(dlq_body), "dlq.list: body")
+        expect_header(entry.headers, "X-Secret", redacted_of(secret), "dlq.list")
+        one = bounded(lambda: client.dlq.get(entry.dlq_id), "dlq.get")
+        expect_equal(one.body, redacted_of(dlq_body), "dlq.get: body")
+        expect_header(one.headers, "X-Secret", redacted_of(secret), "dlq.get")
+        bounded(lambda: client.dlq.delete(entry.dlq_id), "dlq.delete")
+
+    check("redact: the DLQ entry (dlq.list and dlq.get) shows the redacted body and header "
+          "(qstash 3.4.0 has no DLQ retry)", dlq_redacted)
+
+    schedule_id = f"py-{run_id}-redact"
+
+    def schedule_redacted():
+        s_body = f"schedule secret {run_id}"
+        bounded(lambda: client.schedule.create(
+            destination=f"{base}/py/{run_id}/redact-schedule", cron="0 4 * * *",
+            schedule_id=schedule_id, body=s_body, headers={"X-Secret": secret, "X-Plain": plain},
+            redact={"body": True, "header": ["X-Secret"]}), "schedule.create(redact)")
+        s = poll("schedule.get", lambda: client.schedule.get(schedule_id))
+        expect_equal(s.body, redacted_of(s_body), "get: body")
+        expect_header(s.headers, "X-Secret", redacted_of(secret), "get")
+        expect_header(s.headers, "X-Plain", plain, "get")
+        listed = [x for x in bounded(client.schedule.list, "schedule.list")
+                  if x.schedule_id == schedule_id]
+        if not listed:
+            raise CheckFailed("list() lacks the schedule")
+        expect_equal(listed[0].body, redacted_of(s_body), "list: body")
+        expect_header(listed[0].headers, "X-Secret", redacted_of(secret), "list")
+
+    check("redact: schedule.create(redact=…) → schedule.get and list show the redacted body and "
+          "header", schedule_redacted)
+    try:
+        bounded(lambda: client.schedule.delete(schedule_id), "clean-up")
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# api={"name": "llm", "provider": custom(...)}: a local OpenAI-compatible stub answers
+# POST /v1/chat/completions; openai(...) at the wire level only.
+# ---------------------------------------------------------------------------------------
+class LlmStub:
+    """An OpenAI-compatible stub: answers POST /v1/chat/completions with a chat.completion whose
+    content names the last message's content (the tag), and records every request."""
+
+    def __init__(self, port=0):
+        self.requests = []
+        self.cond = threading.Condition()
+        stub = self
+
+        class StubHandler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                text = self.rfile.read(length).decode("utf-8", "replace") if length else ""
+                try:
+                    parsed = json.loads(text)
+                except ValueError:
+                    parsed = None
+                tag = ""
+                if isinstance(parsed, dict) and parsed.get("messages"):
+                    tag = str(parsed["messages"][-1].get("content", ""))
+                good = self.path.split("?", 1)[0] == "/v1/chat/completions"
+                response = json.dumps({
+                    "id": "chatcmpl-" + "".join(c for c in tag if c.isalnum() or c == "-"),
+                    "object": "chat.completion", "created": int(time.time()),
+                    "model": (parsed or {}).get("model", "unknown") if isinstance(parsed, dict) else "unknown",
+                    "choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": f"stub reply to {tag}"},
+                                 "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+                }) if good else "not found"
+                record = {"method": self.command, "path": self.path,
+                          "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": text, "json": parsed, "tag": tag, "response": response}
+                with stub.cond:
+                    stub.requests.append(record)
+                    stub.cond.notify_all()
+                data = response.encode()
+                self.send_response(200 if good else 404)
+                self.send_header("Content-Type", "application/json" if good else "text/plain")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST
+
+            def log_message(self, format, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), StubHandler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def wait_for(self, tag, timeout=DELIVERY_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for r in self.requests:
+                    if r["tag"] == tag:
+                        return r
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    seen = ", ".join(f"{r['method']} {r['path']} {r['tag']}" for r in self.requests)
+                    raise CheckFailed(f"LLM stub request {tag}: none within {timeout:g} s "
+                                      f"(stub requests: {seen or 'none'})")
+                self.cond.wait(remaining)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def llm_round_trip(label, publish, stub, callback_path, tag, body, want_auth):
+    """publish(callback_url) -> message id; checks the stub request and the callback."""
+    got = {}
+
+    def reaches_stub():
+        got["id"] = publish()
+        r = got["request"] = stub.wait_for(tag)
+        expect_equal(r["method"], "POST", "method")
+        expect_equal(r["path"], "/v1/chat/completions", "path")
+        expect_equal(r["json"], body, "body")
+        expect_equal(r["headers"].get("authorization"), want_auth, "authorization")
+
+    if not check(f"{label}: reaches the stub's POST /v1/chat/completions with the body and "
+                 f"Authorization {want_auth}", reaches_stub):
+        return
+
+    def callback():
+        d = wait_for_delivery(callback_path)
+        payload = json.loads(d["body"])
+        expect_equal(payload.get("status"), 200, "status")
+        expect_equal(payload.get("sourceMessageId"), got["id"], "sourceMessageId")
+        expect_equal(base64.b64decode(payload.get("body") or "").decode(), got["request"]["response"],
+                     "decoded body")
+
+    check(f"{label}: the callback arrives with status 200 and body = base64 of the stub's "
+          f"completion", callback)
+
+
+def llm_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    port = int(os.environ.get("SDK_LLM_STUB_PORT") or 0)
+    stubs = []
+    if not check(f"LLM stub listens on 127.0.0.1:{port or '<any port>'}",
+                 lambda: stubs.append(LlmStub(port))):
+        return
+    stub = stubs[0]
+    try:
+        for label, variant, base_url, token in (
+                ("publish_json(api=custom(base_url, token))", "json", stub.base, "py-custom-token"),
+                ("publish(api=custom(base_url ending /v1/chat/completions, token))", "text",
+                 f"{stub.base}/v1/chat/completions", "py-custom-token-2")):
+            tag = f"py-{run_id}-llm-{variant}"
+            callback_path = f"/py/{run_id}/llm-callback-{variant}"
+            body = {"model": "stub-model", "messages": [{"role": "user", "content": tag}]}
+            api = {"name": "llm", "provider": custom(base_url, token)}
+
+            def publish(api=api, body=body, callback_path=callback_path, variant=variant):
+                if variant == "json":
+                    call = lambda: client.message.publish_json(  # noqa: E731
+                        api=api, body=body, callback=f"{base}{callback_path}")
+                else:
+                    call = lambda: client.message.publish(  # noqa: E731
+                        api=api, body=json.dumps(body), content_type="application/json",
+                        callback=f"{base}{callback_path}")
+                return bounded(call, "publish(api)").message_id
+
+            llm_round_trip(label, publish, stub, callback_path, tag, body, f"Bearer {token}")
+    finally:
+        stub.close()
+
+    def openai_wire():
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        res = bounded(lambda: client.message.publish_json(
+            api={"name": "llm", "provider": openai("sk-openai-test")}, body=body,
+            not_before=far_not_before(), callback=f"{base}/py/{run_id}/provider-callback"),
+            "publish_json(api=openai)")
+        try:
+            m = poll("message.get", lambda: client.message.get(res.message_id))
+            expect_equal(m.url, "https://api.openai.com/v1/chat/completions", "url")
+            expect_header(m.headers, "Authorization", "Bearer sk-openai-test", "message.get")
+            expect_equal(json.loads(m.body), body, "body")
+        finally:
+            bounded(lambda: client.message.cancel(res.message_id), "message.cancel")
+
+    check("publish_json(api=openai(token)): message.get shows https://api.openai.com/v1/chat/"
+          "completions and the forwarded Authorization; cancelled (wire level only)", openai_wire)
+
+
+# ---------------------------------------------------------------------------------------
+# Key rotation under load: signing_key.rotate() while publishing. Runs last.
+# ---------------------------------------------------------------------------------------
+def rotation_checks(ctx):
+    client, run_id, base = ctx["client"], ctx["run_id"], ctx["base"]
+    before = check("rotation: signing_key.get() before the rotation",
+                   lambda: bounded(client.signing_key.get, "signing_key.get"))
+    if not before:
+        return
+    path = f"/py/{run_id}/rotation"
+    dest = f"{base}{path}"
+    ids, late, got = [], [], {}
+
+    def under_load():
+        t0 = time.monotonic()
+        rotation = None
+        for i in range(40):
+            due = t0 + i * 0.05
+            if due > time.monotonic():
+                time.sleep(due - time.monotonic())
+            if i == 20:
+                got["rotated_at"] = time.monotonic()
+
+                def rotate():
+                    try:
+                        got["rotated"] = bounded(client.signing_key.rotate, "signing_key.rotate")
+                    except Exception as e:  # noqa: BLE001 -- reported below
+                        got["error"] = e
+
+                rotation = threading.Thread(target=rotate, daemon=True)
+                rotation.start()
+            ids.append(bounded(lambda i=i: client.message.publish(url=dest, body=f"rotation {i}"),
+                               "message.publish").message_id)
+        rotation.join(CALL_TIMEOUT_S)
+        if "error" in got:
+            raise got["error"]
+        if "rotated" not in got:
+            raise CheckFailed("signing_key.rotate: no answer")
+        wait = got["rotated_at"] + 1.5 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        for i in range(5):
+            late.append(bounded(lambda i=i: client.message.publish(
+                url=dest, body=f"after rotation {i}"), "message.publish").message_id)
+
+    loaded = check("rotation: 40 publishes over ~2 s with signing_key.rotate() in the middle, then 5 "
+                   "more ≥ 1.5 s after it", under_load)
+    rotated = got.get("rotated")
+    if rotated:
+        def answer():
+            expect_equal(rotated.current, before.next, "current")
+            if (not rotated.next.startswith("sig_")
+                    or rotated.next in (before.current, before.next)):
+                raise CheckFailed(f"next {rotated.next!r} (before: {before!r})")
+
+        check("rotation: signing_key.rotate() returns current = the previous next and a fresh sig_ "
+              "next", answer)
+        check("rotation: signing_key.get() then returns the rotated keys",
+              lambda: expect_equal(bounded(client.signing_key.get, "signing_key.get"), rotated,
+                                   "keys"))
+    if not loaded:
+        return
+    received = {}
+
+    def all_delivered():
+        for message_id in ids + late:
+            received[message_id] = wait_for_message(path, message_id)
+
+    check("rotation: all 45 messages are delivered", all_delivered)
+
+    def verify_all():
+        receiver = Receiver(current_signing_key=before.current, next_signing_key=before.next)
+        rejected = []
+        for message_id, d in received.items():
+            try:
+                receiver.verify(signature=d["headers"].get("upstash-signature") or "",
+                                body=d["body"].decode("utf-8"), url=dest)
+            except Exception as e:  # noqa: BLE001
+                rejected.append(f"{message_id}: {e}")
+        if len(received) != len(ids) + len(late):
+            raise CheckFailed(f"only {len(received)} deliveries to verify")
+        if rejected:
+            raise CheckFailed(f"{len(rejected)} rejected: {'; '.join(rejected[:3])}")
+
+    check("rotation: every delivery verifies with a Receiver built from the keys fetched before "
+          "the rotation (0 rejected)", verify_all)
+    if rotated:
+        def late_signed_with_new_current():
+            receiver = Receiver(current_signing_key=rotated.current,
+                                next_signing_key="sig_unrelatedunrelatedunrelated1")
+            for message_id in late:
+                d = received.get(message_id) or wait_for_message(path, message_id)
+                receiver.verify(signature=d["headers"].get("upstash-signature") or "",
+                                body=d["body"].decode("utf-8"), url=dest)
+
+        check("rotation: deliveries published ≥ 1.5 s after the rotation are signed with the new "
+              "current key", late_signed_with_new_current)
 
 
 def main():

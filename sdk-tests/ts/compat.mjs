@@ -24,7 +24,8 @@ import os from "node:os";
 import fs from "node:fs";
 import path from "node:path";
 import { spawn } from "node:child_process";
-import { Client, Receiver, QstashError } from "@upstash/qstash";
+import { createHash } from "node:crypto";
+import { Client, Receiver, QstashError, custom, upstash, openai, anthropic, resend } from "@upstash/qstash";
 
 const DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0=";
 const DELIVERY_TIMEOUT_MS = 15_000;
@@ -532,6 +533,7 @@ try {
   // The messages checks come first: their cancel-all runs while nothing else of the suite is
   // pending, and the wait for their cancelled messages (item 8) overlaps the checks after them.
   await messagesChecks();
+  await deprecatedMessagesChecks();
   // A schedule firing every minute is created now (after the cancel-all above, which could
   // otherwise cancel its message) and its first delivery is awaited near the end of the suite,
   // so that the wait for the next cron minute overlaps the checks in between.
@@ -541,12 +543,17 @@ try {
   await dedupChecks();
   await failureCallbackChecks();
   await dlqChecks();
+  await dlqBulkChecks();
   await logsChecks();
   await queueChecks();
   await flowControlChecks();
   await urlGroupChecks(keys);
+  await topicsAliasChecks();
   await batchChecks();
   await scheduleChecks();
+  await redactChecks();
+  await llmChecks();
+  await providerWireChecks();
 
   // 7. Dev-mode hook: QSTASH_DEV=true + QSTASH_DEV_PORT, no baseUrl/token.
   await devModeChecks();
@@ -556,6 +563,9 @@ try {
 
   // 8. Cancelled messages (published with a near notBefore) never arrive.
   await cancelledNeverDelivered();
+
+  // 9. Key rotation under load, last (see rotationChecks).
+  await rotationChecks();
 } catch (error) {
   notOk("suite crashed", error?.stack ?? error);
 } finally {
@@ -1796,4 +1806,526 @@ async function scheduleFiringChecks(firing, keys) {
     await withTimeout(client.schedules.delete(firing.id), CALL_TIMEOUT_MS, "schedules.delete");
     await pollUntil404("schedules.get(deleted)", () => client.schedules.get(firing.id));
   });
+}
+
+// =======================================================================================
+// Methods not covered above: deprecated aliases and the bulk forms of messages / DLQ.
+// =======================================================================================
+/** Case-insensitive header lookup in an API header map; the values as an array. */
+function headerValues(map, name) {
+  const entry = Object.entries(map ?? {}).find(([k]) => k.toLowerCase() === name.toLowerCase());
+  if (!entry) return undefined;
+  return Array.isArray(entry[1]) ? entry[1] : [entry[1]];
+}
+/** Publishes a message due PENDING_DUE_MS from now to a fresh path; returns {id, path, dest}. */
+async function publishPendingTo(name, extra = {}) {
+  const p = `/ts/${runId}/${name}`;
+  const dest = `${RECEIVER}${p}`;
+  const notBefore = Math.ceil((Date.now() + PENDING_DUE_MS) / 1000);
+  const res = await withTimeout(client.publish({ url: dest, body: `${name} body`, notBefore, ...extra }), CALL_TIMEOUT_MS, `publish(${name})`);
+  if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+  cancelledPaths.push({ path: p, notBefore: notBefore * 1000 });
+  return { id: res.messageId, path: p, dest };
+}
+
+async function deprecatedMessagesChecks() {
+  await check("messages.delete(id) (deprecated): the pending message is cancelled (get → 404)", async () => {
+    const { id } = await publishPendingTo("msg-delete");
+    await poll("messages.get", () => client.messages.get(id));
+    const r = await withTimeout(client.messages.delete(id), CALL_TIMEOUT_MS, "messages.delete");
+    expectEqual(r, undefined, "messages.delete() result");
+    await pollUntil404("messages.get(deleted)", () => client.messages.get(id));
+  });
+  await check("messages.cancel({filter: {url}}) cancels exactly the pending messages to that url", async () => {
+    const a = await publishPendingTo("msg-cancel-filter");
+    const b = await withTimeout(client.publish({ url: a.dest, body: "second", notBefore: Math.ceil((Date.now() + PENDING_DUE_MS) / 1000) }), CALL_TIMEOUT_MS, "publish");
+    const other = await publishPendingTo("msg-cancel-filter-other");
+    for (const id of [a.id, b.messageId, other.id]) await poll("messages.get", () => client.messages.get(id));
+    const r = await withTimeout(client.messages.cancel({ filter: { url: a.dest } }), CALL_TIMEOUT_MS, "messages.cancel(filter)");
+    expectEqual(r?.cancelled, 2, `cancelled (${JSON.stringify(r)})`);
+    for (const id of [a.id, b.messageId]) await pollUntil404("messages.get(cancelled)", () => client.messages.get(id));
+    const m = await withTimeout(client.messages.get(other.id), CALL_TIMEOUT_MS, "messages.get(other)");
+    expectEqual(m.messageId, other.id, "the message to another url is still pending");
+  });
+  await check("messages.deleteAll() (deprecated cancel-all) returns a count covering the pending messages, which then answer 404", async () => {
+    const ids = [];
+    // the message of the previous check that is still pending, and two more
+    const left = cancelledPaths.find((c) => c.path.endsWith("/msg-cancel-filter-other"));
+    for (const n of ["msg-delete-all-1", "msg-delete-all-2"]) ids.push((await publishPendingTo(n)).id);
+    for (const id of ids) await poll("messages.get", () => client.messages.get(id));
+    const n = await withTimeout(client.messages.deleteAll(), CALL_TIMEOUT_MS, "messages.deleteAll");
+    if (typeof n !== "number" || n < ids.length + (left ? 1 : 0)) throw new Error(`deleteAll() returned ${JSON.stringify(n)}, want >= ${ids.length + (left ? 1 : 0)}`);
+    for (const id of ids) await pollUntil404("messages.get(cancelled)", () => client.messages.get(id));
+  });
+}
+
+async function dlqBulkChecks() {
+  const path = `/ts/${runId}/dlq-bulk`;
+  const dest = `${RECEIVER}${path}`;
+  planStatuses(path, [500, 500, 500, 500], 200);
+  let entries;
+  const ok4 = await check("DLQ bulk: four failed messages (retries: 0) are listed", async () => {
+    const ids = [];
+    for (let i = 0; i < 4; i++) {
+      const res = await withTimeout(client.publish({ url: dest, body: `bulk ${i}`, retries: 0 }), CALL_TIMEOUT_MS, "publish");
+      ids.push(res.messageId);
+    }
+    await waitForDeliveries(path, 4);
+    entries = await poll("four DLQ entries", async () => {
+      const r = await client.dlq.listMessages({ filter: { url: dest } });
+      return r.messages.length >= 4 ? r.messages : undefined;
+    });
+    expectEqual(entries.map((e) => e.messageId).sort().join(","), [...ids].sort().join(","), "messageIds");
+  });
+  if (!ok4) return;
+  const byId = (e) => e.dlqId;
+  const [a, b, c, d] = entries;
+  const remaining = async (want) =>
+    poll(`DLQ entries ${want.map((e) => e.messageId).join(",") || "none"} left`, async () => {
+      const r = await client.dlq.listMessages({ filter: { url: dest } });
+      return r.messages.map(byId).sort().join(",") === want.map(byId).sort().join(",") ? true : undefined;
+    });
+  await check("DLQ bulk: dlq.delete([dlqId]) returns {deleted: 1} and removes that entry", async () => {
+    const r = await withTimeout(client.dlq.delete([a.dlqId]), CALL_TIMEOUT_MS, "dlq.delete([id])");
+    expectEqual(r?.deleted, 1, `deleted (${JSON.stringify(r)})`);
+    await remaining([b, c, d]);
+  });
+  await check("DLQ bulk: dlq.retry([dlqId]) returns one new messageId, delivered with the original body", async () => {
+    const r = await withTimeout(client.dlq.retry([b.dlqId]), CALL_TIMEOUT_MS, "dlq.retry([id])");
+    expectEqual(r?.responses?.length, 1, `responses (${JSON.stringify(r)})`);
+    const delivery = await waitForMessage(path, r.responses[0].messageId);
+    expectEqual(delivery.body.toString("utf8"), b.body, "body");
+    await remaining([c, d]);
+  });
+  await check("DLQ bulk: dlq.retry({dlqIds}) retries that entry (new messageId, original body)", async () => {
+    const r = await withTimeout(client.dlq.retry({ dlqIds: [c.dlqId] }), CALL_TIMEOUT_MS, "dlq.retry({dlqIds})");
+    expectEqual(r?.responses?.length, 1, `responses (${JSON.stringify(r)})`);
+    const delivery = await waitForMessage(path, r.responses[0].messageId);
+    expectEqual(delivery.body.toString("utf8"), c.body, "body");
+    await remaining([d]);
+  });
+  await check("DLQ bulk: dlq.delete({filter: {url}}) deletes the remaining entry ({deleted: 1})", async () => {
+    const r = await withTimeout(client.dlq.delete({ filter: { url: dest } }), CALL_TIMEOUT_MS, "dlq.delete(filter)");
+    expectEqual(r?.deleted, 1, `deleted (${JSON.stringify(r)})`);
+    await remaining([]);
+  });
+  // retry({filter}) and delete({all: true}) on two fresh failures
+  const path2 = `/ts/${runId}/dlq-bulk-filter`;
+  const dest2 = `${RECEIVER}${path2}`;
+  planStatuses(path2, [500, 500], 200);
+  await check("DLQ bulk: dlq.retry({filter: {url}}) retries every matching entry; the retries arrive", async () => {
+    const ids = [];
+    for (let i = 0; i < 2; i++) ids.push((await withTimeout(client.publish({ url: dest2, body: `filter ${i}`, retries: 0 }), CALL_TIMEOUT_MS, "publish")).messageId);
+    await waitForDeliveries(path2, 2);
+    await poll("two DLQ entries", async () => {
+      const r = await client.dlq.listMessages({ filter: { url: dest2 } });
+      return r.messages.length >= 2 ? true : undefined;
+    });
+    const r = await withTimeout(client.dlq.retry({ filter: { url: dest2 } }), CALL_TIMEOUT_MS, "dlq.retry(filter)");
+    expectEqual(r?.responses?.length, 2, `responses (${JSON.stringify(r)})`);
+    for (const { messageId } of r.responses) await waitForMessage(path2, messageId);
+    await poll("the entries to leave the DLQ", async () => {
+      const l = await client.dlq.listMessages({ filter: { url: dest2 } });
+      return l.messages.length === 0 ? true : undefined;
+    });
+  });
+  const path3 = `/ts/${runId}/dlq-bulk-all`;
+  planStatuses(path3, [], 500);
+  await check("DLQ bulk: dlq.delete({all: true}) empties the DLQ (listMessages() then returns nothing)", async () => {
+    await withTimeout(client.publish({ url: `${RECEIVER}${path3}`, body: "all", retries: 0 }), CALL_TIMEOUT_MS, "publish");
+    await poll("a DLQ entry", async () => {
+      const r = await client.dlq.listMessages({ filter: { url: `${RECEIVER}${path3}` } });
+      return r.messages.length ? true : undefined;
+    });
+    const r = await withTimeout(client.dlq.delete({ all: true }), CALL_TIMEOUT_MS, "dlq.delete({all: true})");
+    if (typeof r?.deleted !== "number" || r.deleted < 1) throw new Error(`result ${JSON.stringify(r)}`);
+    await poll("an empty DLQ", async () => {
+      const l = await client.dlq.listMessages();
+      return l.messages.length === 0 ? true : undefined;
+    });
+  });
+}
+
+async function topicsAliasChecks() {
+  const name = `ts-${runId}-topic-alias`;
+  const url = `${RECEIVER}/ts/${runId}/topic-alias`;
+  await check("topics (deprecated alias of urlGroups): addEndpoints, get, list, removeEndpoints, delete", async () => {
+    await withTimeout(client.topics.addEndpoints({ name, endpoints: [{ name: "one", url }, { url: `${url}?two=2` }] }), CALL_TIMEOUT_MS, "topics.addEndpoints");
+    const g = await poll("topics.get", () => client.topics.get(name));
+    expectEqual(g.name, name, "name");
+    expectEqual(endpointKeys(g.endpoints), endpointKeys([{ name: "one", url }, { url: `${url}?two=2` }]), "endpoints");
+    const all = await withTimeout(client.topics.list(), CALL_TIMEOUT_MS, "topics.list");
+    expectEqual(all.filter((x) => x.name === name).length, 1, "entries in topics.list()");
+    await withTimeout(client.topics.removeEndpoints({ name, endpoints: [{ name: "one" }] }), CALL_TIMEOUT_MS, "topics.removeEndpoints");
+    await poll("one endpoint left", async () => {
+      const x = await client.topics.get(name);
+      return x.endpoints.length === 1 && x.endpoints[0].url === `${url}?two=2` ? true : undefined;
+    });
+    await withTimeout(client.topics.delete(name), CALL_TIMEOUT_MS, "topics.delete");
+    await pollUntil404("topics.get(deleted)", () => client.topics.get(name));
+  });
+}
+
+// =======================================================================================
+// Redaction (Upstash-Redact-Fields): every API view shows REDACTED:<sha256 hex> instead of
+// the value; the delivery (and a DLQ retry) carries the real values.
+// =======================================================================================
+const redactedOf = (value) => `REDACTED:${createHash("sha256").update(Buffer.from(value, "utf8")).digest("hex")}`;
+/** A header map of an API answer: name -> the value(s) as an array, for the given names. */
+function expectHeader(map, name, want, what) {
+  const got = headerValues(map, name);
+  expectEqual(JSON.stringify(got), JSON.stringify([want]), `${what} header ${name} (all: ${JSON.stringify(map)})`);
+}
+
+async function redactChecks() {
+  const secret = `s3cret ${runId}`;
+  const plain = `plain ${runId}`;
+  const notBefore = () => Math.ceil((Date.now() + 3_600_000) / 1000); // never due during the run
+  const pending = [];
+  /** Publishes a far-future message with the given redact/headers; returns messages.get of it. */
+  async function publishAndGet(name, body, extra) {
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}/ts/${runId}/${name}`, body, notBefore: notBefore(), ...extra }),
+      CALL_TIMEOUT_MS,
+      `publish(${name})`,
+    );
+    pending.push(res.messageId);
+    return poll("messages.get", () => client.messages.get(res.messageId));
+  }
+
+  await check('redact {body: true, header: ["X-Secret"]}: messages.get shows REDACTED:<sha256> for the body and that header only', async () => {
+    const body = `redacted body ${runId}`;
+    const m = await publishAndGet("redact-get", body, { redact: { body: true, header: ["X-Secret"] }, headers: { "X-Secret": secret, "X-Plain": plain } });
+    expectEqual(m.body, redactedOf(body), "body");
+    expectHeader(m.header, "X-Secret", redactedOf(secret), "messages.get");
+    expectHeader(m.header, "X-Plain", plain, "messages.get");
+  });
+  await check("redact {header: true}: every header value is redacted, the body is not", async () => {
+    const m = await publishAndGet("redact-all-headers", "kept body", { redact: { header: true }, headers: { "X-Secret": secret, "X-Plain": plain } });
+    expectEqual(m.body, "kept body", "body");
+    expectHeader(m.header, "X-Secret", redactedOf(secret), "messages.get");
+    expectHeader(m.header, "X-Plain", redactedOf(plain), "messages.get");
+  });
+  await check('Upstash-Redact-Fields "body, headers[x-secret]" (plural form, spaces, lower-case name) redacts the body and X-Secret', async () => {
+    const body = `plural ${runId}`;
+    const m = await publishAndGet("redact-plural", body, { headers: { "Upstash-Redact-Fields": "body, headers[x-secret]", "X-Secret": secret, "X-Plain": plain } });
+    expectEqual(m.body, redactedOf(body), "body");
+    expectHeader(m.header, "X-Secret", redactedOf(secret), "messages.get");
+    expectHeader(m.header, "X-Plain", plain, "messages.get");
+  });
+  await check('Upstash-Redact-Fields "headers" (all headers, plural) redacts every header value', async () => {
+    const m = await publishAndGet("redact-headers", "kept", { headers: { "Upstash-Redact-Fields": "headers", "X-Plain": plain } });
+    expectEqual(m.body, "kept", "body");
+    expectHeader(m.header, "X-Plain", redactedOf(plain), "messages.get");
+  });
+  await check('Upstash-Redact-Fields "bodyy" (unknown token) throws QstashError status 400, while "body" is accepted', async () => {
+    await publishAndGet("redact-token-ok", "x", { headers: { "Upstash-Redact-Fields": "body" } });
+    await expectStatus(client.publish({ url: `${RECEIVER}/ts/${runId}/redact-bad`, body: "x", headers: { "Upstash-Redact-Fields": "bodyy" } }), 400, "publish(redact bodyy)");
+  });
+  if (pending.length) {
+    await check("redact: the far-future redacted messages are cancelled", async () => {
+      const r = await withTimeout(client.messages.cancel(pending), CALL_TIMEOUT_MS, "messages.cancel");
+      expectEqual(r?.cancelled, pending.length, "cancelled");
+    });
+  }
+
+  // Delivery unchanged; logs redacted.
+  const path = `/ts/${runId}/redact-delivered`;
+  const body = `delivered secret body ${runId}`;
+  let id;
+  await check("redact: the delivery carries the real body and header", async () => {
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}${path}`, body, redact: { body: true, header: ["X-Secret"] }, headers: { "X-Secret": secret } }),
+      CALL_TIMEOUT_MS,
+      "publish(redact)",
+    );
+    id = res.messageId;
+    const d = await waitForMessage(path, id);
+    expectEqual(d.body.toString("utf8"), body, "delivered body");
+    expectEqual(d.headers["x-secret"], secret, "delivered X-Secret");
+  });
+  if (id) {
+    await check("redact: logs entries carry body = base64(REDACTED:<sha256>) and the redacted header, never the values", async () => {
+      const logs = await poll("DELIVERED in the logs", async () => {
+        const r = await client.logs({ filter: { messageId: id } });
+        return r.logs.some((l) => l.state === "DELIVERED") ? r.logs : undefined;
+      });
+      const want = Buffer.from(redactedOf(body), "utf8").toString("base64");
+      const withBody = logs.filter((l) => l.body !== undefined && l.body !== null);
+      if (!withBody.length) throw new Error(`no entry has a body: ${JSON.stringify(logs)}`);
+      for (const l of withBody) expectEqual(l.body, want, `body of the ${l.state} entry`);
+      const withHeader = logs.filter((l) => headerValues(l.header, "X-Secret"));
+      if (!withHeader.length) throw new Error(`no entry has the X-Secret header: ${JSON.stringify(logs)}`);
+      for (const l of withHeader) expectHeader(l.header, "X-Secret", redactedOf(secret), `${l.state} entry`);
+      const text = JSON.stringify(logs);
+      if (text.includes(secret) || text.includes(Buffer.from(body).toString("base64"))) throw new Error(`a log entry holds the real value: ${text}`);
+    });
+  }
+
+  // DLQ: listed redacted; a retry delivers the original values.
+  const dlqPath = `/ts/${runId}/redact-dlq`;
+  const dlqBody = `dlq secret body ${runId}`;
+  planStatuses(dlqPath, [500]);
+  let entry;
+  await check("redact: the DLQ entry (dlq.listMessages) shows the redacted body and header", async () => {
+    const res = await withTimeout(
+      client.publish({ url: `${RECEIVER}${dlqPath}`, body: dlqBody, retries: 0, redact: { body: true, header: ["X-Secret"] }, headers: { "X-Secret": secret } }),
+      CALL_TIMEOUT_MS,
+      "publish(redact, retries: 0)",
+    );
+    entry = await poll("the DLQ entry", async () => (await client.dlq.listMessages({ filter: { messageId: res.messageId } })).messages[0]);
+    expectEqual(entry.body, redactedOf(dlqBody), "body");
+    expectHeader(entry.header, "X-Secret", redactedOf(secret), "DLQ entry");
+  });
+  if (entry) {
+    await check("redact: dlq.retry of the redacted entry delivers the original body and header", async () => {
+      const r = await withTimeout(client.dlq.retry(entry.dlqId), CALL_TIMEOUT_MS, "dlq.retry");
+      const d = await waitForMessage(dlqPath, r.responses[0].messageId);
+      expectEqual(d.body.toString("utf8"), dlqBody, "delivered body");
+      expectEqual(d.headers["x-secret"], secret, "delivered X-Secret");
+    });
+  }
+
+  // Schedules: get and list redacted.
+  const scheduleId = `ts-${runId}-redact`;
+  await check("redact: schedules.create with redact → schedules.get and list show the redacted body and header", async () => {
+    const sBody = `schedule secret ${runId}`;
+    await withTimeout(
+      client.schedules.create({ destination: `${RECEIVER}/ts/${runId}/redact-schedule`, cron: "0 4 * * *", scheduleId, body: sBody, headers: { "X-Secret": secret, "X-Plain": plain }, redact: { body: true, header: ["X-Secret"] } }),
+      CALL_TIMEOUT_MS,
+      "schedules.create(redact)",
+    );
+    const s = await poll("schedules.get", () => client.schedules.get(scheduleId));
+    expectEqual(s.body, redactedOf(sBody), "get: body");
+    expectHeader(s.header, "X-Secret", redactedOf(secret), "get");
+    expectHeader(s.header, "X-Plain", plain, "get");
+    const listed = (await withTimeout(client.schedules.list(), CALL_TIMEOUT_MS, "schedules.list")).find((x) => x.scheduleId === scheduleId);
+    if (!listed) throw new Error("list() lacks the schedule");
+    expectEqual(listed.body, redactedOf(sBody), "list: body");
+    expectHeader(listed.header, "X-Secret", redactedOf(secret), "list");
+  });
+  try {
+    await client.schedules.delete(scheduleId);
+  } catch {
+    // best effort
+  }
+}
+
+// =======================================================================================
+// api: {name: "llm"}: a local OpenAI-compatible stub answers POST /v1/chat/completions.
+// =======================================================================================
+/** Starts the stub on `port` (0: any); resolves {base, requests, waitFor(tag), close()}. */
+async function startLlmStub(port) {
+  const requests = [];
+  let stubWaiters = [];
+  const srv = http.createServer((req, res) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", () => {
+      const text = Buffer.concat(chunks).toString("utf8");
+      let json;
+      try {
+        json = JSON.parse(text);
+      } catch {
+        json = undefined;
+      }
+      const tag = json?.messages?.at(-1)?.content ?? "";
+      const completion = JSON.stringify({
+        id: `chatcmpl-${tag.replace(/[^A-Za-z0-9-]/g, "")}`,
+        object: "chat.completion",
+        created: Math.floor(Date.now() / 1000),
+        model: json?.model ?? "unknown",
+        choices: [{ index: 0, message: { role: "assistant", content: `stub reply to ${tag}` }, finish_reason: "stop" }],
+        usage: { prompt_tokens: 1, completion_tokens: 4, total_tokens: 5 },
+      });
+      const ok = req.method === "POST" && req.url.split("?")[0] === "/v1/chat/completions";
+      const record = { method: req.method, url: req.url, headers: req.headers, body: text, json, tag, response: ok ? completion : "not found" };
+      requests.push(record);
+      res.writeHead(ok ? 200 : 404, { "content-type": ok ? "application/json" : "text/plain" });
+      res.end(record.response);
+      stubWaiters = stubWaiters.filter((w) => (w.tag === tag ? (w.resolve(record), false) : true));
+    });
+  });
+  await new Promise((resolve, reject) => {
+    srv.once("error", reject);
+    srv.listen(port, "127.0.0.1", resolve);
+  });
+  return {
+    base: `http://127.0.0.1:${srv.address().port}`,
+    requests,
+    waitFor(tag, ms = DELIVERY_TIMEOUT_MS) {
+      const found = requests.find((r) => r.tag === tag);
+      if (found) return Promise.resolve(found);
+      let w;
+      return withTimeout(new Promise((resolve) => stubWaiters.push((w = { tag, resolve }))), ms, `LLM stub request ${tag}`).catch((e) => {
+        stubWaiters = stubWaiters.filter((x) => x !== w);
+        throw new Error(`${e.message} (stub requests: ${requests.map((r) => `${r.method} ${r.url} ${r.tag}`).join(", ") || "none"})`);
+      });
+    },
+    close() {
+      srv.close();
+      srv.closeAllConnections?.();
+    },
+  };
+}
+
+async function llmChecks() {
+  const stubPort = Number(process.env.SDK_LLM_STUB_PORT || 0);
+  let stub;
+  const started = await check(`LLM stub listens on 127.0.0.1:${stubPort || "<any port>"}`, async () => {
+    stub = await startLlmStub(stubPort);
+  });
+  if (!started) return;
+  try {
+    /** Publishes with `api` and a callback; checks the stub request and the callback. */
+    async function roundTrip(label, api, wantAuth) {
+      const slug = label.replace(/[^A-Za-z0-9]+/g, "-").replace(/^-|-$/g, "");
+      const tag = `ts-${runId}-${slug}`;
+      const callbackPath = `/ts/${runId}/llm-callback-${slug}`;
+      const body = { model: "stub-model", messages: [{ role: "user", content: tag }] };
+      let res;
+      let request;
+      const sent = await check(`${label}: publishJSON({api}) reaches the stub's POST /v1/chat/completions with the body and Authorization ${wantAuth}`, async () => {
+        res = await withTimeout(client.publishJSON({ api, body, callback: `${RECEIVER}${callbackPath}` }), CALL_TIMEOUT_MS, "publishJSON(api)");
+        if (!res?.messageId?.startsWith("msg_")) throw new Error(`response ${JSON.stringify(res)}`);
+        request = await stub.waitFor(tag);
+        expectEqual(request.method, "POST", "method");
+        expectEqual(request.url, "/v1/chat/completions", "path");
+        expectEqual(JSON.stringify(request.json), JSON.stringify(body), "body");
+        expectEqual(request.headers.authorization, wantAuth, "authorization");
+        expectEqual(request.headers["content-type"], "application/json", "content-type");
+      });
+      if (!sent) return;
+      await check(`${label}: the callback arrives with status 200 and body = base64 of the stub's completion`, async () => {
+        const d = await waitForDelivery(callbackPath);
+        const payload = JSON.parse(d.body.toString("utf8"));
+        expectEqual(payload.status, 200, "status");
+        expectEqual(payload.sourceMessageId, res.messageId, "sourceMessageId");
+        expectEqual(Buffer.from(payload.body ?? "", "base64").toString("utf8"), request.response, "decoded body");
+      });
+    }
+    await roundTrip("api llm custom()", { name: "llm", provider: custom({ baseUrl: stub.base, token: "custom-token" }) }, "Bearer custom-token");
+    await roundTrip("api llm custom() (baseUrl ending /v1/chat/completions)", { name: "llm", provider: custom({ baseUrl: `${stub.base}/v1/chat/completions`, token: "custom-token-2" }) }, "Bearer custom-token-2");
+    if (!stubPort) {
+      notOk('api: {name: "llm"} (deprecated, publishes to api/llm)', "SDK_LLM_STUB_PORT is not set (scripts/sdk-tests.sh sets it and starts kstash with KSTASH_LLM_BASE_URL pointing at it)");
+    } else {
+      await roundTrip('api {name: "llm"} (deprecated: api/llm → KSTASH_LLM_BASE_URL)', { name: "llm" }, "Bearer stub-token");
+      await roundTrip('api {name: "llm", provider: upstash()} (deprecated: api/llm)', { name: "llm", provider: upstash() }, "Bearer stub-token");
+    }
+  } finally {
+    stub.close();
+  }
+}
+
+// openai / anthropic / resend publish to the internet: checked at the wire level only (a
+// far-future notBefore, messages.get shows the provider URL and forwarded auth, cancel).
+async function providerWireChecks() {
+  const notBefore = Math.ceil((Date.now() + 3_600_000) / 1000);
+  const cases = [
+    ["openai({token, organization})", { name: "llm", provider: openai({ token: "sk-openai-test", organization: "org-test" }) }, "https://api.openai.com/v1/chat/completions", { Authorization: "Bearer sk-openai-test", "OpenAI-Organization": "org-test" }],
+    ["anthropic({token})", { name: "llm", provider: anthropic({ token: "sk-ant-test" }) }, "https://api.anthropic.com/v1/messages", { "x-api-key": "sk-ant-test", "anthropic-version": "2023-06-01" }],
+    ["openai({token}) with analytics: {name: \"helicone\"}", { name: "llm", provider: openai({ token: "sk-openai-test" }), analytics: { name: "helicone", token: "hk-test" } }, "https://gateway.helicone.ai/v1/chat/completions", { Authorization: "Bearer sk-openai-test", "Helicone-Auth": "Bearer hk-test", "Helicone-Target-Url": "https://api.openai.com" }],
+    ["resend({token}) (api email)", { name: "email", provider: resend({ token: "re_test" }) }, "https://api.resend.com/emails", { Authorization: "Bearer re_test" }],
+  ];
+  for (const [label, api, url, headers] of cases) {
+    await check(`${label}: publishJSON({api}) → messages.get shows ${url} and the forwarded ${Object.keys(headers).join(", ")}; cancelled`, async () => {
+      const body = api.name === "email" ? { from: "a@example.com", to: ["b@example.com"], subject: "s", html: "<p>x</p>" } : { model: "m", messages: [{ role: "user", content: "hi" }] };
+      const res = await withTimeout(client.publishJSON({ api, body, notBefore, callback: `${RECEIVER}/ts/${runId}/provider-callback` }), CALL_TIMEOUT_MS, "publishJSON(api)");
+      try {
+        const m = await poll("messages.get", () => client.messages.get(res.messageId));
+        expectEqual(m.url, url, "url");
+        expectEqual(m.method, "POST", "method");
+        for (const [name, value] of Object.entries(headers)) expectHeader(m.header, name, value, "messages.get");
+        expectEqual(JSON.stringify(JSON.parse(m.body)), JSON.stringify(body), "body");
+      } finally {
+        await withTimeout(client.messages.cancel(res.messageId), CALL_TIMEOUT_MS, "messages.cancel");
+      }
+    });
+  }
+}
+
+// =======================================================================================
+// Key rotation (POST /v2/keys/rotate; the TS SDK has no call for it). Runs LAST: the dev-mode
+// check needs /v2/keys to still be the QStash dev keys.
+// =======================================================================================
+async function keysRequest(method, pathname) {
+  const res = await withTimeout(fetch(`${BASE_URL}${pathname}`, { method, headers: { Authorization: `Bearer ${TOKEN}` } }), CALL_TIMEOUT_MS, `${method} ${pathname}`);
+  const text = await res.text();
+  expectEqual(res.status, 200, `${method} ${pathname} status (body ${text})`);
+  return JSON.parse(text);
+}
+
+async function rotationChecks() {
+  let before;
+  const fetched = await check("rotation: GET /v2/keys before the rotation", async () => {
+    before = await keysRequest("GET", "/v2/keys");
+  });
+  if (!fetched) return;
+  const path = `/ts/${runId}/rotation`;
+  const dest = `${RECEIVER}${path}`;
+  const ids = [];
+  const late = [];
+  let rotated;
+  let rotatedAt;
+  let rotationError;
+  const loaded = await check("rotation: 40 publishes over ~2 s with POST /v2/keys/rotate in the middle, then 5 more ≥ 1.5 s after it", async () => {
+    const t0 = Date.now();
+    let rotation;
+    for (let i = 0; i < 40; i++) {
+      const due = t0 + i * 50;
+      if (due > Date.now()) await sleep(due - Date.now());
+      if (i === 20) {
+        rotatedAt = Date.now();
+        rotation = keysRequest("POST", "/v2/keys/rotate").then((r) => (rotated = r), (e) => (rotationError = e));
+      }
+      const res = await withTimeout(client.publish({ url: dest, body: `rotation ${i}` }), CALL_TIMEOUT_MS, "publish");
+      ids.push(res.messageId);
+    }
+    await rotation;
+    if (rotationError) throw rotationError;
+    const wait = rotatedAt + 1_500 - Date.now();
+    if (wait > 0) await sleep(wait);
+    for (let i = 0; i < 5; i++) {
+      const res = await withTimeout(client.publish({ url: dest, body: `after rotation ${i}` }), CALL_TIMEOUT_MS, "publish");
+      late.push(res.messageId);
+    }
+  });
+  if (rotated) {
+    await check("rotation: POST /v2/keys/rotate answers {current: the previous next, next: a fresh sig_ key}", () => {
+      if (!rotated) throw new Error("no answer");
+      expectEqual(rotated.current, before.next, "current");
+      if (!/^sig_/.test(rotated.next ?? "") || rotated.next === before.next || rotated.next === before.current) throw new Error(`next ${JSON.stringify(rotated.next)} (before: ${JSON.stringify(before)})`);
+    });
+    await check("rotation: GET /v2/keys then returns the rotated keys", async () => {
+      const now = await keysRequest("GET", "/v2/keys");
+      expectEqual(JSON.stringify({ current: now.current, next: now.next }), JSON.stringify({ current: rotated?.current, next: rotated?.next }), "keys");
+    });
+  }
+  if (!loaded) return;
+  const received = new Map();
+  await check("rotation: all 45 messages are delivered", async () => {
+    for (const id of [...ids, ...late]) received.set(id, await waitForMessage(path, id));
+  });
+  await check("rotation: every delivery verifies with a Receiver built from the keys fetched before the rotation (0 rejected)", async () => {
+    const receiver = new Receiver({ currentSigningKey: before.current, nextSigningKey: before.next });
+    const rejected = [];
+    for (const [id, d] of received) {
+      try {
+        await receiver.verify({ signature: d.headers["upstash-signature"] ?? "", body: d.body.toString("utf8"), url: dest });
+      } catch (e) {
+        rejected.push(`${id}: ${e.message}`);
+      }
+    }
+    if (received.size !== ids.length + late.length) throw new Error(`only ${received.size} deliveries to verify`);
+    if (rejected.length) throw new Error(`${rejected.length} rejected: ${rejected.slice(0, 3).join("; ")}`);
+  });
+  if (rotated) {
+    await check("rotation: deliveries published ≥ 1.5 s after the rotation are signed with the new current key", async () => {
+      const receiver = new Receiver({ currentSigningKey: rotated.current, nextSigningKey: "sig_unrelatedunrelatedunrelated1" });
+      for (const id of late) {
+        const d = received.get(id) ?? (await waitForMessage(path, id));
+        await receiver.verify({ signature: d.headers["upstash-signature"] ?? "", body: d.body.toString("utf8"), url: dest });
+      }
+    });
+  }
 }

@@ -116,7 +116,8 @@ fn parse(
         refuse_delays(&headers)?;
     }
     let destination = destination::parse(&item.destination)?;
-    let options = headers::parse_publish(&headers, &state.limits, now)?;
+    let mut options = headers::parse_publish(&headers, &state.limits, now)?;
+    let destination = state.llm.resolve(destination, &mut options)?;
     let body = item.body.unwrap_or_default().into_bytes();
     if body.len() > state.body_limit {
         return Err(ApiError::PayloadTooLarge(state.body_limit));

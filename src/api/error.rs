@@ -46,6 +46,10 @@ pub enum ApiError {
     /// how far); answered with `Retry-After`.
     #[error("kstash is starting (catching up with Kafka); retry shortly")]
     Starting,
+    /// Over the per-token limit on management calls (`api::rate_limit`); answered with the
+    /// `Burst-RateLimit-*` headers the SDKs read.
+    #[error("too many requests: the limit is {} management calls per second per token", .0.limit)]
+    RateLimited(super::rate_limit::Burst),
 }
 
 impl ApiError {
@@ -65,6 +69,7 @@ impl ApiError {
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 }
@@ -103,7 +108,10 @@ const OVERLOAD_RETRY_AFTER_SECS: &str = "1";
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let overloaded = matches!(self, ApiError::Overloaded | ApiError::Starting);
+        let overloaded = matches!(
+            self,
+            ApiError::Overloaded | ApiError::Starting | ApiError::RateLimited(_)
+        );
         if overloaded {
             // A load condition, not a fault; one line per refused request would flood the log.
             tracing::debug!("request refused: every request slot is taken");
@@ -120,6 +128,9 @@ impl IntoResponse for ApiError {
                 axum::http::header::RETRY_AFTER,
                 axum::http::HeaderValue::from_static(OVERLOAD_RETRY_AFTER_SECS),
             );
+        }
+        if let ApiError::RateLimited(burst) = &self {
+            burst.add_headers(response.headers_mut());
         }
         response
     }

@@ -12,10 +12,12 @@ pub mod flow_control;
 pub mod health;
 pub mod keys;
 pub mod limits;
+pub mod llm;
 pub mod messages;
 pub mod publish;
 pub mod query;
 pub mod queues;
+pub mod rate_limit;
 pub mod render;
 pub mod schedules;
 pub mod url_groups;
@@ -30,7 +32,6 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
 use crate::health::Health;
-use crate::signing::Signer;
 use crate::state::writer::Writer;
 use crate::state::Views;
 use error::ApiError;
@@ -40,7 +41,6 @@ use error::ApiError;
 pub struct AppState {
     /// Every write (produce → ack → local view) and, through it, the views.
     pub writer: Writer,
-    pub signer: Signer,
     pub tokens: auth::Tokens,
     pub body_limit: usize,
     /// Largest `POST /v2/batch` body.
@@ -59,6 +59,10 @@ pub struct AppState {
     /// On the embedded cluster (`kstash dev`): what its partitions still hold, so a publish that
     /// would make it drop needed records is refused.
     pub dev_room: Option<Arc<crate::kafka::dev_room::Room>>,
+    /// Where the deprecated `api/llm` destination goes.
+    pub llm: llm::Llm,
+    /// The per-token limit on management calls (off by default).
+    pub management_limit: rate_limit::ManagementLimit,
 }
 
 impl AppState {
@@ -86,6 +90,11 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.health.clone(),
             health::require_caught_up,
+        ))
+        // Inside authentication: it counts per authenticated token.
+        .layer(middleware::from_fn_with_state(
+            state.management_limit.clone(),
+            rate_limit::enforce,
         ))
         .layer(middleware::from_fn_with_state(
             state.tokens.clone(),

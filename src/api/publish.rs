@@ -112,7 +112,8 @@ async fn publish(
     let (parts, body) = request.into_parts();
     let destination = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
     let now = now_ms();
-    let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
+    let mut options = headers::parse_publish(&parts.headers, &state.limits, now)?;
+    let destination = state.llm.resolve(destination, &mut options)?;
     let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, None, options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
@@ -135,7 +136,8 @@ async fn enqueue(
     refuse_delays(&parts.headers)?;
     let destination = destination::from_uri(&parts.uri, &format!("{ENQUEUE_PREFIX}{queue}/"))?;
     let now = now_ms();
-    let options = headers::parse_publish(&parts.headers, &state.limits, now)?;
+    let mut options = headers::parse_publish(&parts.headers, &state.limits, now)?;
+    let destination = state.llm.resolve(destination, &mut options)?;
     let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, Some(queue), options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
@@ -200,6 +202,8 @@ pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Va
             remember(state, key, &envelope).await;
             json!({ "messageId": envelope.message_id, "url": envelope.url })
         }
+        // Resolved by every caller (`Llm::resolve`); an unresolved one is refused.
+        Destination::Api(name) => return Err(super::llm::unknown_api(name)),
         Destination::Group(name) => {
             let group = state
                 .views()

@@ -4,6 +4,7 @@
 //! docs disagree on a name, both are emitted (`callerIP`/`callerIp`, `responseHeader`/
 //! `responseHeaders`, `retryDelayExpr`/`retryDelayExpression`). Bodies are `body` when valid
 //! UTF-8, else `bodyBase64` — except in log entries, where `body`/`responseBody` are base64.
+//! Every message body and header goes through `model::redact` first (`Upstash-Redact-Fields`).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -14,6 +15,7 @@ use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
 use crate::model::event::Event;
 use crate::model::flow::FlowControl;
+use crate::model::redact::Redact;
 use crate::model::schedule::{CronSpec, ScheduleFire, ScheduleRecord};
 
 /// Inserts `key: value` when `value` is `Some`.
@@ -64,6 +66,7 @@ fn put_callbacks(
 
 /// A message (`GET /v2/messages/{id}`).
 pub fn message(m: &Envelope) -> Map<String, Value> {
+    let m = &*Redact::envelope(m);
     let mut o = Map::new();
     o.insert("messageId".into(), json!(m.message_id));
     o.insert("url".into(), json!(m.url));
@@ -107,7 +110,7 @@ const MILLIS_PER_SECOND: u64 = 1000;
 /// method, retries), as of `now` with its last fire `fire`; without `lastScheduleStates`, which
 /// needs the log.
 pub fn schedule(s: &ScheduleRecord, fire: Option<&ScheduleFire>, now: i64) -> Map<String, Value> {
-    let m = &s.message;
+    let m = &*Redact::spec(&s.message);
     let mut o = Map::new();
     o.insert("scheduleId".into(), json!(s.schedule_id));
     o.insert("cron".into(), json!(s.cron));
@@ -162,7 +165,7 @@ pub fn event(e: &Event) -> Value {
         "responseBody",
         e.response_body.as_ref().map(|b| STANDARD.encode(b)),
     );
-    if let Some(m) = &e.message {
+    if let Some(m) = e.message.as_deref().map(Redact::envelope) {
         o.insert("header".into(), json!(m.header));
         o.insert("body".into(), json!(STANDARD.encode(&m.body)));
         o.insert("notBefore".into(), json!(m.not_before));

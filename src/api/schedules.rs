@@ -99,10 +99,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError>
 async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiError> {
     let caller_ip = caller_ip(&request);
     let (parts, body) = request.into_parts();
-    let destination = match destination::from_uri(&parts.uri, SCHEDULES_PREFIX)? {
-        Destination::Url(url) => url,
-        Destination::Group(name) => name,
-    };
+    let destination = destination::from_uri(&parts.uri, SCHEDULES_PREFIX)?;
     let h = &parts.headers;
     let cron = header(h, "upstash-cron")?
         .ok_or_else(|| ApiError::BadRequest("Upstash-Cron is required".into()))?
@@ -134,7 +131,13 @@ async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiErr
         publish_headers.remove(name);
     }
     let now = now_ms();
-    let options = headers::parse_publish(&publish_headers, &state.limits, now)?;
+    let mut options = headers::parse_publish(&publish_headers, &state.limits, now)?;
+    // `api/llm` is resolved once, here: the schedule stores the URL it stands for.
+    let destination = match state.llm.resolve(destination, &mut options)? {
+        Destination::Url(url) => url,
+        Destination::Group(name) => name,
+        Destination::Api(name) => return Err(super::llm::unknown_api(&name)),
+    };
     let body = read_body(body, state.body_limit).await?.to_vec();
     let delay_ms = options
         .not_before

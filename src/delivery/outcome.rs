@@ -223,9 +223,10 @@ async fn produce_callback(
     what: &str,
     settings: &Callback,
     payload: &CallbackPayload,
+    source: &Envelope,
     now: i64,
 ) -> bool {
-    let message = settings.message(payload, now);
+    let message = settings.message(payload, source.redact.as_ref(), now);
     let mut created = Event::new(&message, State::Created, now);
     // As on publish: CREATED carries the whole message, for the message and log APIs.
     created.message = Some(Box::new(message.clone()));
@@ -269,7 +270,11 @@ pub async fn handle(
     let mut follow_up = None;
     if let Some(settings) = &envelope.callback {
         let payload = callback_payload(envelope, &outcome, None);
-        if !produce_callback(sink, shutdown, "callback", settings, &payload, now).await {
+        if !produce_callback(
+            sink, shutdown, "callback", settings, &payload, envelope, now,
+        )
+        .await
+        {
             return After::HandedBack;
         }
     }
@@ -350,7 +355,8 @@ pub async fn handle(
             if let Some(settings) = &envelope.failure_callback {
                 let payload = callback_payload(envelope, &outcome, dlq_id);
                 let what = "failure callback";
-                if !produce_callback(sink, shutdown, what, settings, &payload, now).await {
+                if !produce_callback(sink, shutdown, what, settings, &payload, envelope, now).await
+                {
                     return After::HandedBack;
                 }
             }

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::envelope::{base64_bytes, Envelope, HeaderMap, ENVELOPE_VERSION};
 use super::ids;
+use super::redact::Redact;
 
 /// Content type of callback payloads.
 pub const PAYLOAD_CONTENT_TYPE: &str = "application/json";
@@ -61,8 +62,14 @@ pub struct Callback {
 
 impl Callback {
     /// The callback message carrying `payload`, created at `now_ms`: a new envelope with a new
-    /// id, no callbacks of its own, due after the callback delay.
-    pub fn message(&self, payload: &CallbackPayload, now_ms: i64) -> Envelope {
+    /// id, no callbacks of its own, due after the callback delay; its body is shown redacted
+    /// when its source redacts anything (`source_redact`).
+    pub fn message(
+        &self,
+        payload: &CallbackPayload,
+        source_redact: Option<&Redact>,
+        now_ms: i64,
+    ) -> Envelope {
         let mut header = self.header.clone();
         if !header
             .keys()
@@ -99,6 +106,12 @@ impl Callback {
             endpoint_name: None,
             schedule_id: None,
             long_delay: false,
+            // The payload carries the source's body and headers: shown redacted as a whole when
+            // the source redacts anything.
+            redact: source_redact.map(|_| Redact {
+                body: true,
+                ..Redact::default()
+            }),
         }
     }
 }
@@ -277,7 +290,7 @@ mod tests {
         e.failure_callback = Some(sample());
         let payload = CallbackPayload::new(&e, None, None);
         let settings = sample();
-        let m = settings.message(&payload, 5_000);
+        let m = settings.message(&payload, None, 5_000);
         assert!(m.message_id.starts_with(ids::MESSAGE_ID_PREFIX));
         assert_ne!(m.message_id, e.message_id);
         assert_eq!(m.url, "https://example.com/callback");
@@ -303,7 +316,7 @@ mod tests {
         own_type
             .header
             .insert("content-type".into(), vec!["text/plain".into()]);
-        let m = own_type.message(&payload, 5_000);
+        let m = own_type.message(&payload, None, 5_000);
         assert_eq!(m.not_before, 5_000, "no delay: due at once");
         assert!(
             !m.header.contains_key("Content-Type"),

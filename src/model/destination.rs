@@ -18,8 +18,6 @@ pub enum DestinationError {
     NotAUrl(String),
     #[error("destination {0:?} is neither an http(s) URL nor a URL group name: {1}")]
     NotAGroup(String, String),
-    #[error("destination {0:?}: api/ destinations are not supported yet")]
-    Api(String),
 }
 
 /// A publish's destination.
@@ -28,10 +26,13 @@ pub enum Destination {
     Url(String),
     /// A URL group, by name.
     Group(String),
+    /// One of the hosted service's built-in destinations (`api/llm`), resolved by the API to a
+    /// URL (`api::llm`).
+    Api(String),
 }
 
 /// Prefix of the hosted service's built-in destinations (`api/llm`).
-const API_PREFIX: &str = "api/";
+pub const API_PREFIX: &str = "api/";
 
 /// Reads a raw destination: an http(s) URL, else a URL group name.
 pub fn parse(raw: &str) -> Result<Destination, DestinationError> {
@@ -41,7 +42,7 @@ pub fn parse(raw: &str) -> Result<Destination, DestinationError> {
         return Ok(Destination::Url(raw.to_string()));
     }
     if raw.starts_with(API_PREFIX) {
-        return Err(DestinationError::Api(raw.to_string()));
+        return Ok(Destination::Api(raw.to_string()));
     }
     super::queue::validate_name("URL group name", raw)
         .map_err(|e| DestinationError::NotAGroup(raw.to_string(), e))?;
@@ -89,6 +90,7 @@ mod tests {
         match from_uri(&target.parse::<Uri>().unwrap(), P)? {
             Destination::Url(url) => Ok(url),
             Destination::Group(name) => Ok(format!("group:{name}")),
+            Destination::Api(name) => Ok(format!("api:{name}")),
         }
     }
 
@@ -112,10 +114,7 @@ mod tests {
     fn refuses_non_urls() {
         assert_eq!(dest("/v2/publish/"), Err(DestinationError::Missing));
         assert_eq!(dest("/v2/publish/my-group").unwrap(), "group:my-group");
-        assert!(matches!(
-            dest("/v2/publish/api/llm"),
-            Err(DestinationError::Api(_))
-        ));
+        assert_eq!(dest("/v2/publish/api/llm").unwrap(), "api:api/llm");
         assert!(matches!(
             dest("/v2/publish/ftp://x.com"),
             Err(DestinationError::NotAGroup(..))

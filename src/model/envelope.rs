@@ -104,6 +104,9 @@ pub struct Envelope {
     /// `state.pending` until it finishes (`model::pending`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub long_delay: bool,
+    /// `Upstash-Redact-Fields`: what the API shows redacted (the delivery sends the real values).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<super::redact::Redact>,
 }
 
 impl Envelope {
@@ -207,6 +210,7 @@ pub(crate) fn sample() -> Envelope {
         endpoint_name: Some("first".into()),
         schedule_id: Some("scd_1".into()),
         long_delay: true,
+        redact: None,
     }
 }
 

@@ -1,9 +1,10 @@
 //! Reading the `Upstash-*` control headers of a publish request.
 //!
 //! Header names are matched without regard to case (the TS SDK lower-cases them, Python does not).
-//! Every header kstash recognises but does not implement yet is refused with a 400 naming it,
-//! rather than silently ignored: a message published with `Upstash-Delay` must never be delivered
-//! early because this build did not know about delays.
+//! Every `Upstash-*` header is either honoured or refused with a 400 naming it, never silently
+//! ignored: the schedule-only ones on a publish, Upstash Workflow's (no workflow engine here) and
+//! any kstash does not know (a misspelt `Upstash-Retires` must not quietly mean 3 retries). The TS
+//! SDK's `Upstash-Telemetry-*` are the one documented exception: read and dropped.
 //!
 //! Callbacks (`Upstash-Callback*`, `Upstash-Failure-Callback*`, see `model::callback`): the URL
 //! must be an absolute http(s) URL. `…-Forward-X` is forwarded to the callback URL as `X`.
@@ -27,6 +28,7 @@ use super::callback::Callback;
 use super::destination::validate_url;
 use super::envelope::HeaderMap as JsonHeaderMap;
 use super::flow::{FlowControl, FlowLimits};
+use super::redact::{self, Redact};
 use super::retry::RetryDelayExpr;
 use super::schedule::MessageSpec;
 
@@ -37,10 +39,17 @@ pub const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];
 /// Method used when `Upstash-Method` is absent.
 pub const DEFAULT_METHOD: &str = "POST";
 
-/// Headers that are recognised but whose feature this build does not have yet.
-const NOT_YET_SUPPORTED: [&str; 1] = ["upstash-redact-fields"];
 /// Headers that belong to `POST /v2/schedules` only; on a publish they are refused, not ignored.
 pub const SCHEDULE_ONLY: [&str; 3] = ["upstash-cron", "upstash-schedule-id", "upstash-queue-name"];
+/// Every QStash control header starts with this (lower case); one kstash does not know is
+/// refused, so a misspelt `Upstash-Retires` is never silently ignored.
+const UPSTASH_PREFIX: &str = "upstash-";
+/// The TS SDK's telemetry headers (`Upstash-Telemetry-Sdk`, `-Runtime`, `-Platform`): ignored.
+const TELEMETRY_PREFIX: &str = "upstash-telemetry-";
+/// Upstash Workflow's headers: refused (kstash has no workflow engine).
+const WORKFLOW_PREFIX: &str = "upstash-workflow-";
+/// Upstash Workflow's feature negotiation header.
+const FEATURE_SET: &str = "upstash-feature-set";
 /// `Upstash-Flow-Control-Key`, lower case.
 const FLOW_CONTROL_KEY: &str = "upstash-flow-control-key";
 /// `Upstash-Flow-Control-Value`, lower case.
@@ -94,6 +103,8 @@ pub struct PublishOptions {
     pub failure_callback: Option<Callback>,
     /// `Upstash-Flow-Control-Key` with `-Value`.
     pub flow_control: Option<FlowControl>,
+    /// `Upstash-Redact-Fields`.
+    pub redact: Option<Redact>,
 }
 
 impl PublishOptions {
@@ -118,6 +129,7 @@ impl PublishOptions {
             failure_callback: self.failure_callback,
             flow_control: self.flow_control,
             caller_ip,
+            redact: self.redact,
         }
     }
 }
@@ -273,6 +285,7 @@ pub fn parse_publish(
         callback: None,
         failure_callback: None,
         flow_control: None,
+        redact: None,
     };
     for (name, value) in headers {
         let lower = name.as_str(); // http lower-cases names
@@ -358,15 +371,23 @@ pub fn parse_publish(
             flow_key = Some(text()?.to_string());
         } else if lower == FLOW_CONTROL_VALUE {
             flow_value = Some(text()?.to_string());
-        } else if NOT_YET_SUPPORTED.contains(&lower) {
-            return Err(not_yet(lower));
+        } else if lower == redact::HEADER {
+            options.redact = Some(Redact::parse(text()?).map_err(HeaderError)?);
         } else if SCHEDULE_ONLY.contains(&lower) {
             return Err(HeaderError(format!(
                 "header {lower} is only accepted when creating a schedule (POST /v2/schedules/...)"
             )));
+        } else if is_workflow(lower) {
+            return Err(HeaderError(format!(
+                "header {lower} belongs to Upstash Workflow, which kstash does not implement"
+            )));
+        } else if lower.starts_with(UPSTASH_PREFIX) && !lower.starts_with(TELEMETRY_PREFIX) {
+            return Err(HeaderError(format!(
+                "header {lower} is not a QStash header; to send it to the destination, prefix it with Upstash-Forward-"
+            )));
         }
-        // Everything else (Authorization, telemetry, other Upstash-* headers, hop-by-hop headers)
-        // stays here: only Content-Type and Upstash-Forward-* reach the destination.
+        // Everything else (Authorization, the TS SDK's telemetry, other headers) stays here: only
+        // Content-Type and Upstash-Forward-* reach the destination.
     }
     let max_delay_ms = i64::try_from(limits.max_delay.as_millis()).unwrap_or(i64::MAX);
     // Upstash-Not-Before wins over Upstash-Delay.
@@ -462,10 +483,9 @@ fn too_far(header: &str, limits: &Limits) -> HeaderError {
     ))
 }
 
-fn not_yet(name: &str) -> HeaderError {
-    HeaderError(format!(
-        "header {name} is not supported yet by this kstash build"
-    ))
+/// The Upstash Workflow protocol's headers (`Upstash-Workflow-*`, `Upstash-Feature-Set`).
+fn is_workflow(lower: &str) -> bool {
+    lower.starts_with(WORKFLOW_PREFIX) || lower == FEATURE_SET
 }
 
 /// `http` lower-cases header names, so the publisher's original case is gone by the time we see
@@ -619,12 +639,15 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_features_are_refused_not_ignored() {
+    fn unknown_and_misplaced_headers_are_refused_not_ignored() {
         for (k, v) in [
             ("Upstash-Queue-Name", "q"),
-            ("Upstash-Redact-Fields", "body"),
+            ("Upstash-Redact-Fields", "bodyy"),
             ("Upstash-Cron", "* * * * *"),
             ("Upstash-Schedule-Id", "s"),
+            ("Upstash-Retires", "5"),
+            ("Upstash-Workflow-RunId", "wfr_1"),
+            ("Upstash-Feature-Set", "LazyFetch"),
         ] {
             let err = parse_publish(&headers(&[(k, v)])).expect_err(k);
             assert!(
@@ -637,6 +660,17 @@ mod tests {
             "False",
         )]))
         .unwrap();
+        // Telemetry is documented as ignorable; Authorization never reaches the destination.
+        let o = parse_publish(&headers(&[
+            ("Upstash-Telemetry-Sdk", "upstash-qstash-js@2.12.0"),
+            ("Authorization", "Bearer t"),
+        ]))
+        .unwrap();
+        assert!(o.forward.is_empty(), "{:?}", o.forward);
+        let o = parse_publish(&headers(&[("Upstash-Redact-Fields", "body,header[X-A]")])).unwrap();
+        let r = o.redact.unwrap();
+        assert!(r.body);
+        assert_eq!(r.headers, ["x-a"]);
     }
 
     #[test]

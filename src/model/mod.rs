@@ -16,8 +16,10 @@ pub mod ids;
 pub mod pending;
 pub mod poison;
 pub mod queue;
+pub mod redact;
 pub mod retry;
 pub mod schedule;
+pub mod signing_keys;
 pub mod url_group;
 
 /// `90s` → `90s`, `120s` → `2m`, `86400s` → `1d`, `1500ms` → `1500ms`: the largest unit that
@@ -68,6 +70,7 @@ pub(crate) mod schema_test {
             "schedule_fire.v1.json" => include_str!("../../schemas/schedule_fire.v1.json"),
             "poison.v1.json" => include_str!("../../schemas/poison.v1.json"),
             "pending.v1.json" => include_str!("../../schemas/pending.v1.json"),
+            "signing_keys.v1.json" => include_str!("../../schemas/signing_keys.v1.json"),
             other => panic!("unknown schema {other}"),
         };
         serde_json::from_str(text).expect("schema is JSON")

@@ -136,6 +136,9 @@ pub struct MessageSpec {
     pub flow_control: Option<FlowControl>,
     #[serde(rename = "callerIP", default, skip_serializing_if = "Option::is_none")]
     pub caller_ip: Option<String>,
+    /// `Upstash-Redact-Fields`, passed on to every message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<super::redact::Redact>,
 }
 
 /// Where a message goes: its URL, and the URL group it was published to, if any.
@@ -182,6 +185,7 @@ impl MessageSpec {
             endpoint_name: target.endpoint_name,
             schedule_id,
             long_delay: false,
+            redact: self.redact.clone(),
         }
     }
 }
@@ -288,6 +292,7 @@ pub(crate) fn sample() -> ScheduleRecord {
                 period_ms: 1000,
             }),
             caller_ip: Some("127.0.0.1".into()),
+            redact: None,
         },
         paused: false,
         created_at: SAMPLE_CREATED_AT,

@@ -33,7 +33,9 @@ use crate::model::pending::PendingRecord;
 use crate::model::poison::is_poison_key;
 use crate::model::queue::QueueRecord;
 use crate::model::schedule::{ScheduleFire, ScheduleRecord};
+use crate::model::signing_keys::SigningKeysRecord;
 use crate::model::url_group::UrlGroupRecord;
+use crate::signing::Signer;
 use registry::{Registry, Setting};
 pub use store::{Store, StoreError};
 
@@ -50,10 +52,11 @@ pub enum Kind {
     Schedules,
     ScheduleFires,
     Pending,
+    SigningKeys,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Events,
         Kind::Dlq,
         Kind::Cancellations,
@@ -64,6 +67,7 @@ impl Kind {
         Kind::Schedules,
         Kind::ScheduleFires,
         Kind::Pending,
+        Kind::SigningKeys,
     ];
 
     /// Whether its view is kept in the on-disk store (which records how far it was read, so a
@@ -89,6 +93,7 @@ impl Kind {
             Kind::Schedules => "schedules",
             Kind::ScheduleFires => "schedule_fires",
             Kind::Pending => "pending",
+            Kind::SigningKeys => "signing_keys",
         }
     }
 
@@ -105,6 +110,7 @@ impl Kind {
             Kind::Schedules => "state.schedules",
             Kind::ScheduleFires => "state.schedule_fires",
             Kind::Pending => "state.pending",
+            Kind::SigningKeys => "state.signing_keys",
         }
     }
 
@@ -130,6 +136,7 @@ impl Kind {
             Kind::Schedules => decode_as::<ScheduleRecord>(at),
             Kind::ScheduleFires => decode_as::<ScheduleFire>(at),
             Kind::Pending => decode_as::<PendingRecord>(at),
+            Kind::SigningKeys => decode_as::<SigningKeysRecord>(at),
         }
     }
 }
@@ -224,6 +231,13 @@ impl StateRecord for DedupRecord {
     }
     fn removal(key: String) -> Option<Change> {
         Some(Change::Dedup { key, entry: None })
+    }
+}
+
+impl StateRecord for SigningKeysRecord {
+    const KIND: Kind = Kind::SigningKeys;
+    fn change(self, _: i32, _: i64) -> Change {
+        Change::SigningKeys(Box::new(self))
     }
 }
 
@@ -325,6 +339,8 @@ pub enum Change {
         name: String,
         record: Option<Box<ScheduleRecord>>,
     },
+    /// The signing keys, seeded or rotated.
+    SigningKeys(Box<SigningKeysRecord>),
     /// A schedule's last fire.
     ScheduleFire {
         name: String,
@@ -340,13 +356,17 @@ pub struct Views {
     pub schedules: Registry<ScheduleRecord>,
     pub schedule_fires: Registry<ScheduleFire>,
     pub flow: flow::FlowView,
+    /// The signing keys in force (the view of the signing-keys topic).
+    pub signer: Signer,
     /// Bumped whenever queue or flow-control settings change, so waiting lanes look again.
     settings: watch::Sender<u64>,
 }
 
 impl Views {
-    pub fn new(store: Arc<Store>) -> Self {
+    /// Empty views; `signer` holds the configured keys until the signing-keys topic is read.
+    pub fn new(store: Arc<Store>, signer: Signer) -> Self {
         Views {
+            signer,
             store,
             queues: Registry::default(),
             url_groups: Registry::default(),
@@ -392,6 +412,7 @@ impl Views {
                     self.schedule_fires.apply(name, record.as_deref().cloned())
                 }
                 Change::Event { event, .. } => self.flow.on_event(event),
+                Change::SigningKeys(record) => self.signer.apply(record),
                 _ => {}
             }
         }

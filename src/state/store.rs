@@ -644,7 +644,8 @@ fn apply_one(tx: &redb::WriteTransaction, change: &Change) -> Result<(), StoreEr
         | Change::FlowControl { .. }
         | Change::UrlGroup { .. }
         | Change::Schedule { .. }
-        | Change::ScheduleFire { .. } => {}
+        | Change::ScheduleFire { .. }
+        | Change::SigningKeys(_) => {}
     }
     Ok(())
 }
