@@ -247,6 +247,37 @@ async fn client_mistakes_are_json_4xx() {
             "no route",
         ),
         (
+            // No llm.base_url configured: refused, saying what to set.
+            post("/v2/publish/api/llm").body(Body::from("{}")).unwrap(),
+            StatusCode::BAD_REQUEST,
+            "llm.base_url",
+        ),
+        (
+            post("/v2/publish/https://example.com/x")
+                .header("Upstash-Retires", "5")
+                .body(Body::from("x"))
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "upstash-retires",
+        ),
+        (
+            // A misspelt filter must not widen a bulk cancel to everything.
+            Request::delete("/v2/messages?labell=x")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "labell",
+        ),
+        (
+            Request::delete("/v2/dlq?queue=x")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "\"queue\"",
+        ),
+        (
             Request::get("/v2/publish/https://example.com/x")
                 .header("authorization", format!("Bearer {TOKEN}"))
                 .body(Body::empty())

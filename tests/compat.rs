@@ -96,21 +96,23 @@ async fn rotation_reaches_every_process_and_receivers_holding_both_keys_reject_n
         "a fresh next key"
     );
     assert_eq!(keys(&api_a).await, (new_current.clone(), new_next.clone()));
+    // The other process switches without being told; watched while the load goes on.
+    let rotated = (new_current.clone(), new_next.clone());
+    let watched = Api::new(b.addr());
+    let switch = tokio::spawn(async move {
+        eventually("the other process to serve the rotated keys", || async {
+            (keys(&watched).await == rotated).then(|| rotated_at.elapsed())
+        })
+        .await
+    });
     for i in 0..LOAD_PER_PHASE {
         let api = if i % 2 == 0 { &api_b } else { &api_a };
         let (status, json) = api.publish(&url, format!("after {i}"), &[]).await;
         assert_eq!(status, 200, "{json}");
     }
 
-    // The other process switches without being told.
-    eventually("the other process to serve the rotated keys", || async {
-        (keys(&api_b).await == (new_current.clone(), new_next.clone())).then_some(())
-    })
-    .await;
-    eprintln!(
-        "the second process served the rotated keys {:?} after the rotation",
-        rotated_at.elapsed()
-    );
+    let switched_after = switch.await.unwrap();
+    eprintln!("the second process served the rotated keys {switched_after:?} after the rotation");
 
     // Every delivery verifies with the keys a receiver held before the rotation.
     let delivered = receiver.take(2 * LOAD_PER_PHASE).await;
@@ -296,11 +298,20 @@ async fn redacted_fields_are_hidden_in_every_answer_but_delivered_as_published()
     kstash.stop().await;
 }
 
-/// A local OpenAI-compatible endpoint: answers every chat completion with [`COMPLETION`] and
-/// reports each request's Authorization header and body.
+/// A local LLM endpoint: answers OpenAI chat completions (`/v1/chat/completions`) with
+/// [`completion`] and Anthropic messages (`/v1/messages`) with [`anthropic_message`], and reports
+/// each request's credential header (`authorization`, or `x-api-key` with `anthropic-version`)
+/// and body.
 struct ChatStub {
     url: String,
     requests: mpsc::UnboundedReceiver<(Option<String>, Value)>,
+}
+
+fn anthropic_message() -> Value {
+    json!({
+        "id": "msg_stub", "type": "message", "role": "assistant", "model": "stub",
+        "content": [{"type": "text", "text": "pong"}], "stop_reason": "end_turn"
+    })
 }
 
 fn completion() -> Value {
@@ -327,9 +338,26 @@ impl ChatStub {
             let _ = tx.send((auth, body));
             Json(completion())
         }
+        async fn messages(
+            State(tx): State<Tx>,
+            headers: HeaderMap,
+            Json(body): Json<Value>,
+        ) -> Json<Value> {
+            let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let _ = tx.send((
+                Some(format!(
+                    "{} {}",
+                    header("x-api-key"),
+                    header("anthropic-version")
+                )),
+                body,
+            ));
+            Json(anthropic_message())
+        }
         let (tx, requests) = mpsc::unbounded_channel();
         let app = Router::new()
             .route("/v1/chat/completions", post(chat))
+            .route("/v1/messages", post(messages))
             .with_state(tx);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -425,6 +453,31 @@ async fn api_llm_and_provider_urls_reach_the_chat_endpoint_and_answer_in_the_cal
     );
     let payload: Value = serde_json::from_slice(&receiver.next().await.body).unwrap();
     assert_eq!(payload["status"], 200);
+
+    // The TS SDK's `anthropic({token})` provider: `/v1/messages` with `x-api-key` and
+    // `anthropic-version` forwarded (here at the stub's address instead of api.anthropic.com).
+    let (status, json) = api
+        .publish(
+            &format!("{}/v1/messages", stub.url),
+            request.to_string(),
+            &[
+                ("Content-Type", "application/json"),
+                ("Upstash-Forward-X-Api-Key", "ant-token"),
+                ("Upstash-Forward-Anthropic-Version", "2023-06-01"),
+                ("Upstash-Callback", &callback),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{json}");
+    let (credentials, body) = stub.next().await;
+    assert_eq!(credentials.as_deref(), Some("ant-token 2023-06-01"));
+    assert_eq!(body, request);
+    let payload: Value = serde_json::from_slice(&receiver.next().await.body).unwrap();
+    let answer = STANDARD.decode(payload["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answer).unwrap(),
+        anthropic_message()
+    );
 
     // Any other `api/…` destination is refused.
     let (status, json) = api.publish("api/email", "x", &[]).await;

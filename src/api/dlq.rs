@@ -131,7 +131,9 @@ async fn delete_many(
     uri: Uri,
     BoundedBody(body): BoundedBody,
 ) -> Result<Json<Value>, ApiError> {
-    let count = Query::parse(&uri).count(MAX_BULK, MAX_BULK)?;
+    let q = Query::parse(&uri);
+    q.refuse_unknown(&["messageId", "responseStatus", "dlqIds", "count", "cursor"])?;
+    let count = q.count(MAX_BULK, MAX_BULK)?;
     let (targets, cursor) = select(&state, &uri, Some(&body), count).await?;
     let deleted = delete(&state, targets).await?;
     Ok(with_cursor(json!({ "deleted": deleted }), cursor))

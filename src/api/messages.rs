@@ -93,6 +93,8 @@ async fn cancel_many(
     BoundedBody(body): BoundedBody,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let q = Query::parse(&uri);
+    // `count` is the TS SDK's legacy batch size; it changes nothing here.
+    q.refuse_unknown(&["host", "path", "messageIds", "count"])?;
     let body = IdsBody::parse(&body)?;
     let explicit_ids = q.has("messageIds") || body.message_ids.is_some();
     let ids = unique([q.all("messageIds"), body.message_ids.unwrap_or_default()].concat());

@@ -59,6 +59,22 @@ impl Query {
             .transpose()
     }
 
+    /// 400 naming the first key that is neither a filter ([`FILTER_KEYS`]) nor in `also`. For the
+    /// bulk calls, where a misspelt filter would otherwise widen the call to *everything*.
+    pub fn refuse_unknown(&self, also: &[&str]) -> Result<(), ApiError> {
+        match self
+            .pairs
+            .iter()
+            .find(|(k, _)| !FILTER_KEYS.contains(&k.as_str()) && !also.contains(&k.as_str()))
+        {
+            Some((k, _)) => Err(ApiError::BadRequest(format!(
+                "unknown query parameter {k:?} (known here: {})",
+                [FILTER_KEYS.as_slice(), also].concat().join(", ")
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `count`, defaulting to `default` and capped at `max`.
     pub fn count(&self, default: usize, max: usize) -> Result<usize, ApiError> {
         match self.int("count")? {
@@ -68,6 +84,20 @@ impl Query {
         }
     }
 }
+
+/// The filters every list and bulk endpoint reads (`Filter::from_query`).
+pub const FILTER_KEYS: [&str; 10] = [
+    "url",
+    "label",
+    "callerIp",
+    "callerIP",
+    "queueName",
+    "flowControlKey",
+    "topicName",
+    "scheduleId",
+    "fromDate",
+    "toDate",
+];
 
 /// Ids given in a JSON body (`{"messageIds":[…]}` / `{"dlqIds":[…]}`), as the Python SDK sends.
 #[derive(Debug, Default, Deserialize)]
