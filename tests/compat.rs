@@ -1,7 +1,8 @@
 //! The rest of the QStash API (issue 9), end to end: signing-key rotation across processes under
 //! load, `Upstash-Redact-Fields` in every API answer while deliveries carry the real values, the
 //! `api/llm` destination routed to a configured OpenAI-compatible endpoint with the answer in the
-//! callback, the per-token management rate limit, and the `qstash_token` query parameter.
+//! callback (and the TS SDK's synchronous chat call proxied there), the per-token management rate
+//! limit, and the `qstash_token` query parameter.
 //!
 //! Expectations about what kstash did are polled for with a deadline ([`eventually`]) or awaited
 //! as deliveries, never waited for with a sleep. Runs on the embedded cluster, or on a real broker
@@ -330,13 +331,24 @@ impl ChatStub {
             State(tx): State<Tx>,
             headers: HeaderMap,
             Json(body): Json<Value>,
-        ) -> Json<Value> {
+        ) -> axum::response::Response {
+            use axum::response::IntoResponse;
             let auth = headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
                 .map(String::from);
+            let stream = body["stream"] == true;
             let _ = tx.send((auth, body));
-            Json(completion())
+            if stream {
+                let events = format!("data: {}\n\ndata: [DONE]\n\n", completion());
+                ([("content-type", "text/event-stream")], events).into_response()
+            } else {
+                (
+                    [("x-ratelimit-remaining-requests", "41")],
+                    Json(completion()),
+                )
+                    .into_response()
+            }
         }
         async fn messages(
             State(tx): State<Tx>,
@@ -478,6 +490,47 @@ async fn api_llm_and_provider_urls_reach_the_chat_endpoint_and_answer_in_the_cal
         serde_json::from_slice::<Value>(&answer).unwrap(),
         anthropic_message()
     );
+
+    // The TS SDK's deprecated `client.chat().create(…)` (upstash provider) is proxied: the SDK's
+    // own fields taken out, the configured token, the answer (JSON or a stream) passed back.
+    let http = reqwest::Client::new();
+    let mut chat = request.clone();
+    chat["provider"] =
+        json!({"owner": "upstash", "baseUrl": "https://qstash.upstash.io/llm", "token": "t"});
+    chat["system"] = json!("be brief");
+    let answer = http
+        .post(format!("http://{}/llm/v1/chat/completions", kstash.addr()))
+        .bearer_auth(TOKEN)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["x-ratelimit-remaining-requests"],
+        "41",
+        "the upstream's rate-limit headers come back"
+    );
+    assert_eq!(answer.json::<Value>().await.unwrap(), completion());
+    let (auth, body) = stub.next().await;
+    assert_eq!(auth.as_deref(), Some("Bearer llm-secret"));
+    assert_eq!(
+        body, request,
+        "without the SDK's provider and system fields"
+    );
+    chat["stream"] = json!(true);
+    let answer = http
+        .post(format!("http://{}/llm/v1/chat/completions", kstash.addr()))
+        .bearer_auth(TOKEN)
+        .json(&chat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
+    let events = answer.text().await.unwrap();
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    assert!(events.contains("chatcmpl-kstash"), "{events}");
+    stub.next().await;
 
     // Any other `api/…` destination is refused.
     let (status, json) = api.publish("api/email", "x", &[]).await;

@@ -50,6 +50,9 @@ pub enum ApiError {
     /// `Burst-RateLimit-*` headers the SDKs read.
     #[error("too many requests: the limit is {} management calls per second per token", .0.limit)]
     RateLimited(super::rate_limit::Burst),
+    /// An upstream kstash calls synchronously (the chat proxy's LLM endpoint) did not answer.
+    #[error("{0}")]
+    BadGateway(String),
 }
 
 impl ApiError {
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
         }
     }
 }

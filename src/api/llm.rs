@@ -8,8 +8,23 @@
 //! shown redacted by the API. Without a base URL the publish is refused with a 400 that says what
 //! to configure; any other `api/…` name is refused too. The SDKs' provider destinations (`openai`,
 //! `anthropic`, `custom`) are ordinary URLs and never come here.
+//!
+//! The TS SDK's deprecated synchronous chat API (`client.chat().create(…)` with the `upstash()`
+//! provider: `POST /llm/v1/chat/completions`) is proxied to the same endpoint: the request body
+//! without the SDK's own fields, the configured token, and the answer passed back as it streams
+//! (JSON, or server-sent events with `stream: true`), status and rate-limit headers included. It
+//! is the one synchronous call of the API; it touches no topic.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION as AUTHORIZATION_HEADER, CONTENT_TYPE};
+use axum::response::Response;
+use axum::routing::post;
+use axum::Router;
 
 use super::error::ApiError;
+use super::limits::read_body;
+use super::AppState;
 use crate::config::LlmConfig;
 use crate::model::destination::Destination;
 use crate::model::headers::PublishOptions;
@@ -20,6 +35,22 @@ pub const LLM_API: &str = "api/llm";
 pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
 /// Header carrying the configured token.
 const AUTHORIZATION: &str = "Authorization";
+/// The chat proxy's route (the TS SDK's `client.chat()`).
+pub const CHAT_ROUTE: &str = "/llm/v1/chat/completions";
+/// Fields the TS SDK puts into the chat request for itself; an OpenAI-compatible endpoint may
+/// refuse them, so the proxy takes them out.
+const SDK_ONLY_FIELDS: [&str; 3] = ["provider", "system", "analytics"];
+/// Answer headers passed back: the body's type and the upstream's rate limits, which the TS SDK
+/// reads on a 429 (`x-ratelimit-*`).
+const PASSED_BACK_PREFIX: &str = "x-ratelimit-";
+/// Longest a chat call may take upstream (a completion can take minutes).
+const CHAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+/// Connect timeout to the upstream.
+const CHAT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub fn router() -> Router<AppState> {
+    Router::new().route(CHAT_ROUTE, post(chat))
+}
 
 /// Where `api/llm` goes, from `[llm]`.
 #[derive(Debug, Clone, Default)]
@@ -28,6 +59,8 @@ pub struct Llm {
     url: Option<String>,
     /// `Bearer <token>`; `None` without a token.
     authorization: Option<String>,
+    /// The chat proxy's client (no proxy from the environment, no redirects).
+    client: reqwest::Client,
 }
 
 impl Llm {
@@ -37,7 +70,20 @@ impl Llm {
         Llm {
             url: (!base.is_empty()).then(|| format!("{base}{CHAT_COMPLETIONS_PATH}")),
             authorization: (!config.token.is_empty()).then(|| format!("Bearer {}", config.token)),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(CHAT_CONNECT_TIMEOUT)
+                .timeout(CHAT_TIMEOUT)
+                .build()
+                .unwrap_or_default(),
         }
+    }
+
+    fn not_configured(what: &str) -> ApiError {
+        ApiError::BadRequest(format!(
+            "{what} needs an OpenAI-compatible endpoint: set llm.base_url (KSTASH_LLM_BASE_URL) on this kstash, or use an SDK provider (openai, anthropic, custom)"
+        ))
     }
 
     /// `destination` with `api/llm` replaced by the configured URL (and its token added to
@@ -53,11 +99,10 @@ impl Llm {
         if name != LLM_API {
             return Err(unknown_api(&name));
         }
-        let url = self.url.clone().ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "destination {LLM_API} needs an OpenAI-compatible endpoint: set llm.base_url (KSTASH_LLM_BASE_URL) on this kstash, or publish with an SDK provider (openai, anthropic, custom)"
-            ))
-        })?;
+        let url = self
+            .url
+            .clone()
+            .ok_or_else(|| Self::not_configured(&format!("destination {LLM_API}")))?;
         if let Some(authorization) = &self.authorization {
             let forwarded = options
                 .forward
@@ -78,6 +123,42 @@ impl Llm {
         }
         Ok(Destination::Url(url))
     }
+}
+
+/// `POST /llm/v1/chat/completions`: the chat request to the configured endpoint, its answer back.
+async fn chat(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let llm = &state.llm;
+    let url = llm
+        .url
+        .as_deref()
+        .ok_or_else(|| Llm::not_configured(CHAT_ROUTE))?;
+    let body = read_body(request.into_body(), state.body_limit).await?;
+    let mut chat: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("a chat request is a JSON object: {e}")))?;
+    for field in SDK_ONLY_FIELDS {
+        chat.remove(field);
+    }
+    let mut upstream = llm
+        .client
+        .post(url)
+        .header(CONTENT_TYPE, "application/json")
+        .body(serde_json::Value::Object(chat).to_string());
+    if let Some(authorization) = &llm.authorization {
+        upstream = upstream.header(AUTHORIZATION_HEADER, authorization);
+    }
+    let answer = upstream
+        .send()
+        .await
+        .map_err(|e| ApiError::BadGateway(format!("the LLM endpoint did not answer: {e}")))?;
+    let mut response = Response::builder().status(answer.status().as_u16());
+    for (name, value) in answer.headers() {
+        if name == CONTENT_TYPE || name.as_str().starts_with(PASSED_BACK_PREFIX) {
+            response = response.header(name.as_str(), value.as_bytes());
+        }
+    }
+    response
+        .body(Body::from_stream(answer.bytes_stream()))
+        .map_err(|e| ApiError::BadGateway(format!("the LLM endpoint's answer: {e}")))
 }
 
 /// The 400 for an `api/…` destination kstash does not have.

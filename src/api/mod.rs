@@ -85,6 +85,7 @@ pub fn router(state: AppState) -> Router {
         .merge(url_groups::router())
         .merge(batch::router())
         .merge(schedules::router())
+        .merge(llm::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
