@@ -171,6 +171,7 @@ done
 log "kstash is up on 127.0.0.1:$PORT (LLM stub port $SDK_LLM_STUB_PORT; $(( $(date +%s) - STARTED_AT ))s so far)"
 
 export KSTASH_URL="http://127.0.0.1:$PORT"
+export PYTHONDONTWRITEBYTECODE=1  # compat_async.py imports compat.py: no __pycache__ in the tree
 export KSTASH_TOKEN="eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="
 
 # --- run the suites -----------------------------------------------------------------

@@ -24,8 +24,9 @@ import time
 import traceback
 from http.server import ThreadingHTTPServer
 
-import compat
-from compat import (
+sys.dont_write_bytecode = True  # importing compat.py must not leave __pycache__ in the tree
+import compat  # noqa: E402 -- after the line above
+from compat import (  # noqa: E402
     CALL_TIMEOUT_S,
     POLL_INTERVAL_S,
     POLL_TIMEOUT_S,
@@ -46,11 +47,11 @@ from compat import (
     wait_for_delivery,
     wait_for_message,
 )
-from qstash import AsyncQStash, Receiver
-from qstash.chat import custom
-from qstash.errors import QStashError, SignatureError
-from qstash.log import LogState
-from qstash.message import FlowControl
+from qstash import AsyncQStash, Receiver  # noqa: E402
+from qstash.chat import custom  # noqa: E402
+from qstash.errors import QStashError, SignatureError  # noqa: E402
+from qstash.log import LogState  # noqa: E402
+from qstash.message import FlowControl  # noqa: E402
 
 BASE_URL = compat.BASE_URL
 TOKEN = compat.TOKEN
@@ -210,13 +211,13 @@ async def publish_checks(ctx, keys):
     payload = {"async": True, "n": 7, "run": run_id}
 
     async def publish_json():
+        sent = time.time()
         res = await call(client.message.publish_json(url=f"{base}{json_path}", body=payload,
                                                      delay=1), "message.publish_json")
-        sent = time.time()
         d = await blocking(wait_for_message, json_path, res.message_id)
         expect_equal(json.loads(d["body"]), payload, "parsed body")
         expect_equal(d["headers"].get("content-type"), "application/json", "content-type")
-        if d["received_at"] - sent < 0.9:
+        if d["received_at"] - sent < 1.0:
             raise CheckFailed(f"arrived {d['received_at'] - sent:.3f} s after the publish, want >= 1 s")
 
     await acheck("async message.publish_json(delay=1): the JSON body arrives, not before 1 s", publish_json)

@@ -1970,7 +1970,9 @@ async function topicsAliasChecks() {
 // Redaction (Upstash-Redact-Fields): every API view shows REDACTED:<sha256 hex> instead of
 // the value; the delivery (and a DLQ retry) carries the real values.
 // =======================================================================================
-const redactedOf = (value) => `REDACTED:${createHash("sha256").update(Buffer.from(value, "utf8")).digest("hex")}`;
+function redactedOf(value) {
+  return `REDACTED:${createHash("sha256").update(Buffer.from(value, "utf8")).digest("hex")}`;
+}
 /** A header map of an API answer: name -> the value(s) as an array, for the given names. */
 function expectHeader(map, name, want, what) {
   const got = headerValues(map, name);
@@ -2139,9 +2141,14 @@ async function startLlmStub(port) {
         usage: { prompt_tokens: 1, completion_tokens: 4, total_tokens: 5 },
       });
       const ok = req.method === "POST" && req.url.split("?")[0] === "/v1/chat/completions";
-      const record = { method: req.method, url: req.url, headers: req.headers, body: text, json, tag, response: ok ? completion : "not found" };
+      const stream = ok && json?.stream === true;
+      // stream: true -> an OpenAI-style SSE answer: two chunks whose deltas make up the reply.
+      const chunk = (delta, finish) =>
+        `data: ${JSON.stringify({ id: `chatcmpl-${tag.replace(/[^A-Za-z0-9-]/g, "")}`, object: "chat.completion.chunk", created: 0, model: json?.model ?? "unknown", choices: [{ index: 0, delta, finish_reason: finish }] })}\n\n`;
+      const sse = `${chunk({ role: "assistant", content: "stub reply " }, null)}${chunk({ content: `to ${tag}` }, "stop")}data: [DONE]\n\n`;
+      const record = { method: req.method, url: req.url, headers: req.headers, body: text, json, tag, response: !ok ? "not found" : stream ? sse : completion };
       requests.push(record);
-      res.writeHead(ok ? 200 : 404, { "content-type": ok ? "application/json" : "text/plain" });
+      res.writeHead(ok ? 200 : 404, { "content-type": !ok ? "text/plain" : stream ? "text/event-stream" : "application/json" });
       res.end(record.response);
       stubWaiters = stubWaiters.filter((w) => (w.tag === tag ? (w.resolve(record), false) : true));
     });
@@ -2211,10 +2218,52 @@ async function llmChecks() {
     } else {
       await roundTrip('api {name: "llm"} (deprecated: api/llm → KSTASH_LLM_BASE_URL)', { name: "llm" }, "Bearer stub-token");
       await roundTrip('api {name: "llm", provider: upstash()} (deprecated: api/llm)', { name: "llm", provider: upstash() }, "Bearer stub-token");
+      await chatChecks(stub);
     }
   } finally {
     stub.close();
   }
+}
+
+// client.chat() (deprecated): POST /llm/v1/chat/completions, which kstash proxies to
+// KSTASH_LLM_BASE_URL + /v1/chat/completions (the stub) with KSTASH_LLM_TOKEN, dropping the
+// SDK-only fields provider / system / analytics. (A third-party provider makes the SDK call
+// the provider directly, without kstash, so only upstash() is checked.)
+async function chatChecks(stub) {
+  const sdkOnly = (json) => ["provider", "system", "analytics"].filter((k) => json && k in json);
+  await check("chat().create({provider: upstash(), model, messages}) returns the stub's chat.completion; the stub gets the request with Bearer stub-token and without provider/system/analytics", async () => {
+    const tag = `ts-${runId}-chat-create`;
+    const messages = [{ role: "user", content: tag }];
+    const res = await withTimeout(client.chat().create({ provider: upstash(), model: "stub-model", messages }), CALL_TIMEOUT_MS, "chat().create");
+    const request = await stub.waitFor(tag);
+    expectEqual(JSON.stringify(res), request.response, "answer");
+    expectEqual(request.url, "/v1/chat/completions", "path");
+    expectEqual(request.headers.authorization, "Bearer stub-token", "authorization at the stub");
+    expectEqual(JSON.stringify(request.json.messages), JSON.stringify(messages), "messages");
+    expectEqual(request.json.model, "stub-model", "model");
+    if (sdkOnly(request.json).length) throw new Error(`forwarded SDK-only fields ${sdkOnly(request.json).join(", ")}: ${request.body}`);
+  });
+  await check("chat().prompt({provider: upstash(), model, system, user}) sends [system, user] messages and returns the completion", async () => {
+    const tag = `ts-${runId}-chat-prompt`;
+    const res = await withTimeout(client.chat().prompt({ provider: upstash(), model: "stub-model", system: "be brief", user: tag }), CALL_TIMEOUT_MS, "chat().prompt");
+    const request = await stub.waitFor(tag);
+    expectEqual(JSON.stringify(res), request.response, "answer");
+    expectEqual(JSON.stringify(request.json.messages), JSON.stringify([{ role: "system", content: "be brief" }, { role: "user", content: tag }]), "messages");
+    if (sdkOnly(request.json).length) throw new Error(`forwarded SDK-only fields ${sdkOnly(request.json).join(", ")}: ${request.body}`);
+  });
+  await check("chat().create({…, stream: true}) yields the stub's SSE chunks (deltas make up the reply)", async () => {
+    const tag = `ts-${runId}-chat-stream`;
+    const stream = await withTimeout(client.chat().create({ provider: upstash(), model: "stub-model", messages: [{ role: "user", content: tag }], stream: true }), CALL_TIMEOUT_MS, "chat().create(stream)");
+    const chunks = [];
+    await withTimeout((async () => {
+      for await (const c of stream) chunks.push(c);
+    })(), CALL_TIMEOUT_MS, "reading the stream");
+    const request = await stub.waitFor(tag);
+    expectEqual(request.json.stream, true, "stream at the stub");
+    expectEqual(chunks.length, 2, `chunks (${JSON.stringify(chunks)})`);
+    expectEqual(chunks.map((c) => c.choices[0].delta.content).join(""), `stub reply to ${tag}`, "reply");
+    expectEqual(chunks.every((c) => c.object === "chat.completion.chunk"), true, "chunk objects");
+  });
 }
 
 // openai / anthropic / resend publish to the internet: checked at the wire level only (a

@@ -850,9 +850,9 @@ mod tests {
                 .expect_err(&format!("{k}: {v}"));
             assert!(err.0.contains(needle), "{k}: {v}: {err}");
         }
-        // Prefix look-alikes are not callback headers.
-        let o = parse_publish(&headers(&[("Upstash-Callbacks", "x")])).unwrap();
-        assert_eq!(o.callback, None);
+        // Prefix look-alikes are not callback headers: unknown, so refused.
+        let err = parse_publish(&headers(&[("Upstash-Callbacks", "x")])).unwrap_err();
+        assert!(err.0.contains("upstash-callbacks is not a QStash header"), "{err}");
     }
 
     #[test]
