@@ -2231,6 +2231,8 @@ async function llmChecks() {
 // the provider directly, without kstash, so only upstash() is checked.)
 async function chatChecks(stub) {
   const sdkOnly = (json) => ["provider", "system", "analytics"].filter((k) => json && k in json);
+  // kstash re-serialises the JSON it forwards, so the messages are compared by value.
+  const roles = (messages) => (messages ?? []).map((m) => `${m.role}: ${m.content}`).join(" | ");
   await check("chat().create({provider: upstash(), model, messages}) returns the stub's chat.completion; the stub gets the request with Bearer stub-token and without provider/system/analytics", async () => {
     const tag = `ts-${runId}-chat-create`;
     const messages = [{ role: "user", content: tag }];
@@ -2239,7 +2241,7 @@ async function chatChecks(stub) {
     expectEqual(JSON.stringify(res), request.response, "answer");
     expectEqual(request.url, "/v1/chat/completions", "path");
     expectEqual(request.headers.authorization, "Bearer stub-token", "authorization at the stub");
-    expectEqual(JSON.stringify(request.json.messages), JSON.stringify(messages), "messages");
+    expectEqual(roles(request.json.messages), roles(messages), "messages (role: content)");
     expectEqual(request.json.model, "stub-model", "model");
     if (sdkOnly(request.json).length) throw new Error(`forwarded SDK-only fields ${sdkOnly(request.json).join(", ")}: ${request.body}`);
   });
@@ -2248,7 +2250,7 @@ async function chatChecks(stub) {
     const res = await withTimeout(client.chat().prompt({ provider: upstash(), model: "stub-model", system: "be brief", user: tag }), CALL_TIMEOUT_MS, "chat().prompt");
     const request = await stub.waitFor(tag);
     expectEqual(JSON.stringify(res), request.response, "answer");
-    expectEqual(JSON.stringify(request.json.messages), JSON.stringify([{ role: "system", content: "be brief" }, { role: "user", content: tag }]), "messages");
+    expectEqual(roles(request.json.messages), roles([{ role: "system", content: "be brief" }, { role: "user", content: tag }]), "messages (role: content)");
     if (sdkOnly(request.json).length) throw new Error(`forwarded SDK-only fields ${sdkOnly(request.json).join(", ")}: ${request.body}`);
   });
   await check("chat().create({…, stream: true}) yields the stub's SSE chunks (deltas make up the reply)", async () => {
