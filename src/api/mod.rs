@@ -1,5 +1,6 @@
 //! The QStash v2 HTTP API. Each resource is a file exporting a `router()`; this file assembles them
-//! behind authentication and gives unknown routes a JSON 404/405.
+//! behind authentication and gives unknown routes a JSON 404/405. `/health*` and `/openapi.json`
+//! (the OpenAPI document of it all, `openapi`) need no token.
 //!
 //! The API only validates and produces to Kafka; it knows nothing of delivery.
 
@@ -13,6 +14,7 @@ pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod messages;
+pub mod openapi;
 pub mod publish;
 pub mod query;
 pub mod queues;
@@ -98,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .merge(health::router())
+        .merge(openapi::router())
         .merge(v2)
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)
