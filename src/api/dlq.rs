@@ -7,8 +7,9 @@
 //! filters, else everything; an explicitly empty id list touches nothing. They work through at
 //! most `count` entries and return a `cursor` while more remain.
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
 use axum::Router;

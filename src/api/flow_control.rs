@@ -9,7 +9,8 @@
 
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Path, State};
+use super::extract::Path;
+use axum::extract::State;
 use axum::http::Uri;
 use axum::routing::{get, post};
 use axum::Router;

@@ -8,8 +8,9 @@
 
 use std::sync::Arc;
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::routing::{delete, get};
 use axum::Router;

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod extract;
 pub mod flow_control;
 pub mod health;
 pub mod keys;
@@ -98,9 +99,13 @@ pub fn router(state: AppState) -> Router {
             state.request_limits.clone(),
             limits::enforce,
         ));
-    Router::new()
+    // No token needed; an unsupported method is answered in JSON like everywhere else.
+    let public = Router::new()
         .merge(health::router())
         .merge(openapi::router())
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .merge(public)
         .merge(v2)
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)

@@ -6,8 +6,9 @@
 //! the local view of the events. Deleting a queue removes its settings; messages already in it are
 //! still delivered, in order, as in a new queue (parallelism 1); an enqueue re-creates it.
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};

@@ -9,7 +9,8 @@
 //! docs). A schedule JSON carries every field the SDKs read, with `lastScheduleTime`,
 //! `nextScheduleTime` and `lastScheduleStates` from the schedule's last fire.
 
-use axum::extract::{Path, Request, State};
+use super::extract::Path;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};

@@ -7,8 +7,9 @@
 //! DELETE, as both SDKs send it); removing the last endpoint deletes the group. Deleting a group
 //! does not cancel messages already published to it.
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{delete, get, post};
 use axum::Router;
 use serde::{Deserialize, Serialize};
