@@ -270,7 +270,9 @@ async fn client_mistakes_are_json_4xx() {
             "method",
         ),
         (
-            Request::delete("/openapi.json").body(Body::empty()).unwrap(),
+            Request::delete("/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
             StatusCode::METHOD_NOT_ALLOWED,
             "method",
         ),
