@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use axum::Router;
-use utoipa::openapi::path::Operation;
+use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
@@ -131,10 +131,20 @@ impl Modify for V2Common {
     }
 }
 
+/// The answer of an operation with a path parameter to one that is not UTF-8 once
+/// percent-decoded (`api::extract::Path`), unless it documents its own 400.
+const BAD_PATH_PARAMETER: (&str, &str) = ("400", "A path parameter that is not UTF-8");
+
 fn add_v2_common(operation: &mut Operation) {
     let no_scopes: [&str; 0] = [];
     operation.security = Some(vec![SecurityRequirement::new(BEARER_SCHEME, no_scopes)]);
-    for (status, description) in V2_ERRORS {
+    let has_path_parameter = operation
+        .parameters
+        .iter()
+        .flatten()
+        .any(|p| p.parameter_in == ParameterIn::Path);
+    let path_error = has_path_parameter.then_some(BAD_PATH_PARAMETER);
+    for (status, description) in V2_ERRORS.into_iter().chain(path_error) {
         let error = ResponseBuilder::new()
             .description(description)
             .content(

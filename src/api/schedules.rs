@@ -125,6 +125,7 @@ async fn patch_rest(
     params(("scheduleId" = String, Path, description = "Schedule id")),
     responses(
         (status = 200, description = "Paused", body = ScheduleView),
+        (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
         (status = 404, description = "No such schedule", body = ErrorBody),
     ))]
 pub async fn pause(state: AppState, id: String) -> Result<Reply<ScheduleView>, ApiError> {
@@ -136,6 +137,7 @@ pub async fn pause(state: AppState, id: String) -> Result<Reply<ScheduleView>, A
     params(("scheduleId" = String, Path, description = "Schedule id")),
     responses(
         (status = 200, description = "Resumed", body = ScheduleView),
+        (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
         (status = 404, description = "No such schedule", body = ErrorBody),
     ))]
 pub async fn resume(state: AppState, id: String) -> Result<Reply<ScheduleView>, ApiError> {
