@@ -20,7 +20,7 @@
 #                          `cargo build --bin kstash` when the default is missing)
 #   PYTHON                 interpreter used to create the venv (default python3)
 #   KSTASH_START_TIMEOUT   seconds to wait for /health (default 30)
-#   API_FUZZ_MAX_EXAMPLES  test cases per operation and phase (default 8)
+#   API_FUZZ_MAX_EXAMPLES  test cases per operation and phase (default 25)
 #   API_FUZZ_TIMEOUT       seconds schemathesis may run at most (default 120)
 #   API_FUZZ_SEED          schemathesis seed (default: random; printed by schemathesis)
 #
@@ -35,7 +35,7 @@ cd "$ROOT"
 KSTASH_BIN="${KSTASH_BIN:-target/debug/kstash}"
 PYTHON="${PYTHON:-python3}"
 START_TIMEOUT="${KSTASH_START_TIMEOUT:-30}"
-MAX_EXAMPLES="${API_FUZZ_MAX_EXAMPLES:-8}"
+MAX_EXAMPLES="${API_FUZZ_MAX_EXAMPLES:-25}"
 FUZZ_TIMEOUT="${API_FUZZ_TIMEOUT:-120}"
 # Seconds a single request may take (a publish waits for Kafka's acknowledgement).
 REQUEST_TIMEOUT=10
@@ -148,6 +148,27 @@ done
 [[ -n "$PORT" ]] || die "could not start kstash"
 BASE="http://127.0.0.1:$PORT"
 log "kstash is up on $BASE ($(( $(date +%s) - STARTED_AT ))s so far)"
+
+# --- fixtures -----------------------------------------------------------------------
+# The resources the document's path parameter examples name (queue `orders`, URL group
+# `subscribers`, schedule `nightly-report`, flow-control key `tenant-1`), so the operations on
+# one resource are exercised on an existing one, not only answered 404. Their deliveries go to
+# the discard port of loopback and fail.
+SINK="http://127.0.0.1:9"
+api() { # api METHOD PATH [curl args...]
+  local method=$1 path=$2; shift 2
+  curl -fsS -o /dev/null --max-time "$REQUEST_TIMEOUT" -X "$method" \
+    -H "Authorization: Bearer $DEV_TOKEN" "$@" "$BASE$path" \
+    || die "fixture $method $path was refused"
+}
+log "creating the fixtures the examples name ..."
+api POST /v2/queues -H 'Content-Type: application/json' -d '{"queueName":"orders"}'
+api POST /v2/topics/subscribers/endpoints -H 'Content-Type: application/json' \
+  -d "{\"endpoints\":[{\"url\":\"$SINK/hook\"}]}"
+api POST "/v2/schedules/$SINK/report" -H 'Upstash-Cron: 0 0 * * *' \
+  -H 'Upstash-Schedule-Id: nightly-report'
+api POST "/v2/publish/$SINK/hook" -H 'Upstash-Flow-Control-Key: tenant-1' \
+  -H 'Upstash-Flow-Control-Value: parallelism=1' -d 'fixture'
 
 # --- fuzz ---------------------------------------------------------------------------
 seed=()

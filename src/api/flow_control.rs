@@ -160,7 +160,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Reply<Vec<FlowControl
 
 /// One flow-control key.
 #[utoipa::path(get, path = "/v2/flowControl/{key}", operation_id = "getFlowControlKey", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key")),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1")),
     responses(
         (status = 200, description = "The key", body = FlowControlInfo),
         (status = 404, description = "No such key", body = ErrorBody),
@@ -175,7 +175,7 @@ pub async fn get_one(
 
 /// Pauses deliveries of a key.
 #[utoipa::path(post, path = "/v2/flowControl/{key}/pause", operation_id = "pauseFlowControlKey", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key")),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1")),
     responses(
         (status = 200, description = "Paused", body = FlowControlInfo),
         (status = 404, description = "No such key", body = ErrorBody),
@@ -189,7 +189,7 @@ pub async fn pause(
 
 /// Resumes deliveries of a key.
 #[utoipa::path(post, path = "/v2/flowControl/{key}/resume", operation_id = "resumeFlowControlKey", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key")),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1")),
     responses(
         (status = 200, description = "Resumed", body = FlowControlInfo),
         (status = 404, description = "No such key", body = ErrorBody),
@@ -214,7 +214,7 @@ async fn set_paused(
 
 /// `?parallelism=&rate=&period=` (integers; period in seconds): pins what is given.
 #[utoipa::path(post, path = "/v2/flowControl/{key}/pin", operation_id = "pinFlowControlKey", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key"), PinParams),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1"), PinParams),
     responses(
         (status = 200, description = "Pinned", body = FlowControlInfo),
         (status = 400, description = "None given, or a value out of range", body = ErrorBody),
@@ -271,7 +271,7 @@ pub async fn pin(
 /// `?parallelism=<bool>&rate=<bool>`: unpins those; the last pinned values hold until a message
 /// brings others.
 #[utoipa::path(post, path = "/v2/flowControl/{key}/unpin", operation_id = "unpinFlowControlKey", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key"), UnpinParams),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1"), UnpinParams),
     responses(
         (status = 200, description = "Unpinned", body = FlowControlInfo),
         (status = 400, description = "A value that is not true or false", body = ErrorBody),
@@ -307,7 +307,7 @@ pub async fn unpin(
 
 /// Zeroes the rate count and starts a new period now.
 #[utoipa::path(post, path = "/v2/flowControl/{key}/resetRate", operation_id = "resetFlowControlRate", tag = "flowControl",
-    params(("key" = String, Path, description = "Flow-control key")),
+    params(("key" = String, Path, description = "Flow-control key", example = "tenant-1")),
     responses(
         (status = 200, description = "Rate reset", body = FlowControlInfo),
         (status = 404, description = "No such key", body = ErrorBody),

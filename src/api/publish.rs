@@ -213,7 +213,7 @@ impl Publish {
 /// Publishes a message to a URL or a URL group.
 #[utoipa::path(post, path = "/v2/publish/{destination}", operation_id = "publish", tag = "messages",
     params(
-        ("destination" = String, Path, description = "A URL (`https://example.com/x`, the raw rest of the path, query included) or the name of a URL group"),
+        ("destination" = String, Path, description = "A URL (`https://example.com/x`, the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/hook"),
         MessageHeaders, DelayHeader, NotBeforeHeader, DedupHeaders,
     ),
     request_body(content = String, content_type = "text/plain", description = "The message body, delivered as is (any content type; its `Content-Type` is forwarded)"),
@@ -242,8 +242,8 @@ pub async fn publish(
 /// Enqueues a message to a FIFO queue (created with parallelism 1 when missing).
 #[utoipa::path(post, path = "/v2/enqueue/{queueName}/{destination}", operation_id = "enqueue", tag = "queues",
     params(
-        ("queueName" = String, Path, description = "The queue"),
-        ("destination" = String, Path, description = "A URL (the raw rest of the path, query included) or the name of a URL group"),
+        ("queueName" = String, Path, description = "The queue", example = "orders"),
+        ("destination" = String, Path, description = "A URL (the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/hook"),
         MessageHeaders, DedupHeaders,
     ),
     request_body(content = String, content_type = "text/plain", description = "The message body, delivered as is (any content type; its `Content-Type` is forwarded)"),

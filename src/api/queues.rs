@@ -144,7 +144,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Reply<Vec<QueueView>>
 
 /// One queue.
 #[utoipa::path(get, path = "/v2/queues/{name}", operation_id = "getQueue", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
     responses(
         (status = 200, description = "The queue", body = QueueView),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -159,7 +159,7 @@ pub async fn get_one(
 
 /// Deletes a queue's settings (its messages are still delivered, in order).
 #[utoipa::path(delete, path = "/v2/queues/{name}", operation_id = "deleteQueue", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -176,7 +176,7 @@ pub async fn delete_one(
 
 /// Pauses a queue: its messages wait until it is resumed.
 #[utoipa::path(post, path = "/v2/queues/{name}/pause", operation_id = "pauseQueue", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
     responses(
         (status = 200, description = "Paused", body = QueueView),
         (status = 404, description = "No such queue", body = ErrorBody),
@@ -190,7 +190,7 @@ pub async fn pause(
 
 /// Resumes a paused queue.
 #[utoipa::path(post, path = "/v2/queues/{name}/resume", operation_id = "resumeQueue", tag = "queues",
-    params(("name" = String, Path, description = "Queue name")),
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
     responses(
         (status = 200, description = "Resumed", body = QueueView),
         (status = 404, description = "No such queue", body = ErrorBody),

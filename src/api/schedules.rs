@@ -122,7 +122,7 @@ async fn patch_rest(
 
 /// Pauses a schedule: it does not fire until resumed.
 #[utoipa::path(method(post, patch), path = "/v2/schedules/{scheduleId}/pause", operation_id = "pauseSchedule", tag = "schedules",
-    params(("scheduleId" = String, Path, description = "Schedule id")),
+    params(("scheduleId" = String, Path, description = "Schedule id", example = "nightly-report")),
     responses(
         (status = 200, description = "Paused", body = ScheduleView),
         (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
@@ -134,7 +134,7 @@ pub async fn pause(state: AppState, id: String) -> Result<Reply<ScheduleView>, A
 
 /// Resumes a paused schedule.
 #[utoipa::path(method(post, patch), path = "/v2/schedules/{scheduleId}/resume", operation_id = "resumeSchedule", tag = "schedules",
-    params(("scheduleId" = String, Path, description = "Schedule id")),
+    params(("scheduleId" = String, Path, description = "Schedule id", example = "nightly-report")),
     responses(
         (status = 200, description = "Resumed", body = ScheduleView),
         (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
@@ -158,7 +158,7 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError>
 /// the body with the settings of the `Upstash-*` headers.
 #[utoipa::path(post, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "createSchedule", tag = "schedules",
     params(
-        ("scheduleIdOrDestination" = String, Path, description = "The destination: a URL (the raw rest of the path, query included) or the name of a URL group"),
+        ("scheduleIdOrDestination" = String, Path, description = "The destination: a URL (the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/report"),
         ScheduleHeaders, MessageHeaders, DelayHeader,
     ),
     request_body(content = String, content_type = "text/plain", description = "The body of each fired message (any content type; its `Content-Type` is forwarded)"),
@@ -283,7 +283,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Reply<Vec<ScheduleVie
 
 /// One schedule.
 #[utoipa::path(get, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "getSchedule", tag = "schedules",
-    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id")),
+    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id", example = "nightly-report")),
     responses(
         (status = 200, description = "The schedule", body = ScheduleView),
         (status = 404, description = "No such schedule", body = ErrorBody),
@@ -298,7 +298,7 @@ pub async fn get_one(
 
 /// Deletes a schedule (messages it already published stay).
 #[utoipa::path(delete, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "deleteSchedule", tag = "schedules",
-    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id")),
+    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id", example = "nightly-report")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 404, description = "No such schedule", body = ErrorBody),

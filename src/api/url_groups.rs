@@ -91,7 +91,7 @@ fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
 
 /// Adds endpoints to a URL group, creating it when missing.
 #[utoipa::path(post, path = "/v2/topics/{name}/endpoints", operation_id = "addEndpoints", tag = "urlGroups",
-    params(("name" = String, Path, description = "URL group name")),
+    params(("name" = String, Path, description = "URL group name", example = "subscribers")),
     request_body = AddBody,
     responses(
         (status = 200, description = "The group as saved", body = UrlGroupView),
@@ -122,7 +122,7 @@ pub async fn add_endpoints(
 
 /// Removes endpoints from a URL group; removing the last deletes the group.
 #[utoipa::path(delete, path = "/v2/topics/{name}/endpoints", operation_id = "removeEndpoints", tag = "urlGroups",
-    params(("name" = String, Path, description = "URL group name")),
+    params(("name" = String, Path, description = "URL group name", example = "subscribers")),
     request_body = RemoveBody,
     responses(
         (status = 200, description = "How many were removed", body = Removed),
@@ -166,7 +166,7 @@ pub async fn list(State(state): State<AppState>) -> Reply<Vec<UrlGroupView>> {
 
 /// One URL group.
 #[utoipa::path(get, path = "/v2/topics/{name}", operation_id = "getUrlGroup", tag = "urlGroups",
-    params(("name" = String, Path, description = "URL group name")),
+    params(("name" = String, Path, description = "URL group name", example = "subscribers")),
     responses(
         (status = 200, description = "The group", body = UrlGroupView),
         (status = 404, description = "No such URL group", body = ErrorBody),
@@ -180,7 +180,7 @@ pub async fn get_one(
 
 /// Deletes a URL group (messages already published to it stay).
 #[utoipa::path(delete, path = "/v2/topics/{name}", operation_id = "deleteUrlGroup", tag = "urlGroups",
-    params(("name" = String, Path, description = "URL group name")),
+    params(("name" = String, Path, description = "URL group name", example = "subscribers")),
     responses(
         (status = 200, description = "Deleted", body = Deleted),
         (status = 404, description = "No such URL group", body = ErrorBody),
