@@ -1,5 +1,6 @@
 //! Extractors whose rejections leave through [`ApiError`], so a request the extractor refuses is
-//! answered `{"error": "…"}` like every other client mistake (axum's own answer plain text).
+//! answered `{"error": "…"}` like every other client mistake (axum's own rejections are plain
+//! text).
 //!
 //! Only [`Path`] is needed: the other inputs of the handlers are read by extractors that cannot
 //! fail (`State`, `Uri`, `HeaderMap`, the whole `Request`) or by our own ([`super::limits`]'s
