@@ -285,6 +285,31 @@ async fn client_mistakes_are_json_4xx() {
             StatusCode::METHOD_NOT_ALLOWED,
             "method",
         ),
+        // Found by scripts/api-fuzz.sh and by hand: answered in plain text by axum before.
+        (
+            Request::get("/v2/queues/%FF")
+                .header("authorization", format!("Bearer {TOKEN}"))
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+            "UTF-8",
+        ),
+        (
+            Request::builder()
+                .method("TRACE")
+                .uri("/health")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+        (
+            Request::delete("/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
     ];
     for (req, expected, needle) in cases {
         let uri = req.uri().to_string();

@@ -16,14 +16,15 @@ use std::collections::BTreeMap;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use futures::future::join_all;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::limits::read_body;
-use super::publish::{caller_ip, refuse_delays, store, Publish};
+use super::publish::{caller_ip, refuse_delays, store, Publish, PublishAnswer};
+use super::render::Reply;
 use super::AppState;
 use crate::model::destination;
 use crate::model::headers;
@@ -34,29 +35,58 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v2/batch", post(batch))
 }
 
-/// One item of the array.
-#[derive(Debug, Deserialize)]
-struct Item {
+/// One item of the array: one publish (or, with `queue`, one enqueue).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct BatchItem {
+    /// A URL or the name of a URL group.
     destination: String,
+    /// The item's own headers (`Upstash-*` settings, `Content-Type`, `Upstash-Forward-*`).
     #[serde(default)]
     headers: BTreeMap<String, String>,
+    /// The message body.
     #[serde(default)]
     body: Option<String>,
+    /// Enqueue to this queue instead of publishing.
     #[serde(default)]
     queue: Option<String>,
 }
 
-async fn batch(State(state): State<AppState>, request: Request) -> Result<Json<Value>, ApiError> {
+/// The answer for one item: what its publish answers, or why it was refused.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchReply {
+    Stored(PublishAnswer),
+    Refused(ErrorBody),
+}
+
+impl BatchReply {
+    fn refused(e: &ApiError) -> Self {
+        BatchReply::Refused(ErrorBody::of(e))
+    }
+}
+
+/// Many publishes and enqueues in one call; answered in request order.
+#[utoipa::path(post, path = "/v2/batch", operation_id = "batch", tag = "messages",
+    request_body(content = Vec<BatchItem>, description = "The publishes, in order"),
+    responses(
+        (status = 200, description = "One answer per item, in request order (a refused item gets its own error)", body = Vec<BatchReply>),
+        (status = 400, description = "The body is not such an array", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
+pub async fn batch(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<Reply<Vec<BatchReply>>, ApiError> {
     let caller_ip = caller_ip(&request);
     let bytes = read_body(request.into_body(), state.batch_limit).await?;
-    let items: Vec<Item> = serde_json::from_slice(&bytes).map_err(|e| {
+    let items: Vec<BatchItem> = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be a JSON array of {{destination, headers, body, queue?}}: {e}"
         ))
     })?;
     let now = now_ms();
     // Parse every item first; a bad one gets its error in its slot.
-    let mut replies: Vec<Option<Value>> = vec![None; items.len()];
+    let mut replies: Vec<Option<BatchReply>> = vec![None; items.len()];
     let mut lanes: BTreeMap<String, Vec<(usize, Publish)>> = BTreeMap::new();
     for (i, item) in items.into_iter().enumerate() {
         match parse(&state, item, caller_ip.clone(), now) {
@@ -69,7 +99,7 @@ async fn batch(State(state): State<AppState>, request: Request) -> Result<Json<V
                 };
                 lanes.entry(lane).or_default().push((i, publish));
             }
-            Err(e) => replies[i] = Some(json!({ "error": e.to_string() })),
+            Err(e) => replies[i] = Some(BatchReply::refused(&e)),
         }
     }
     let stored = join_all(lanes.into_values().map(|lane| {
@@ -78,8 +108,8 @@ async fn batch(State(state): State<AppState>, request: Request) -> Result<Json<V
             let mut out = Vec::with_capacity(lane.len());
             for (i, publish) in lane {
                 let reply = match store(state, publish).await {
-                    Ok((_, reply)) => reply,
-                    Err(e) => json!({ "error": e.to_string() }),
+                    Ok((_, reply)) => BatchReply::Stored(reply),
+                    Err(e) => BatchReply::refused(&e),
                 };
                 out.push((i, reply));
             }
@@ -90,15 +120,24 @@ async fn batch(State(state): State<AppState>, request: Request) -> Result<Json<V
     for (i, reply) in stored.into_iter().flatten() {
         replies[i] = Some(reply);
     }
-    Ok(Json(Value::Array(
-        replies.into_iter().map(Option::unwrap_or_default).collect(),
-    )))
+    // Every slot was filled above: a refused item in the first loop, a stored one in the second.
+    let unanswered = || {
+        BatchReply::Refused(ErrorBody {
+            error: "item not processed".into(),
+        })
+    };
+    Ok(Reply(
+        replies
+            .into_iter()
+            .map(|r| r.unwrap_or_else(unanswered))
+            .collect(),
+    ))
 }
 
 /// One item as a publish, or why it is refused.
 fn parse(
     state: &AppState,
-    item: Item,
+    item: BatchItem,
     caller_ip: Option<String>,
     now: i64,
 ) -> Result<Publish, ApiError> {

@@ -7,16 +7,20 @@
 //! filters, else everything; an explicitly empty id list touches nothing. They work through at
 //! most `count` entries and return a `cursor` while more remain.
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Router;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::messages::query_store;
-use super::query::{unique, Filter, IdsBody, Query};
+use super::publish::MessageHeaders;
+use super::query::{unique, CommonFilters, DlqFilters, Filter, IdsBody, PageParams, Query};
+use super::render::{DlqView, Reply};
 use super::{render, AppState};
 use crate::model::dlq::DlqRecord;
 use crate::model::envelope::Envelope;
@@ -88,20 +92,57 @@ async fn select(
     Ok((page, next))
 }
 
-fn with_cursor(mut body: Value, cursor: Option<String>) -> Json<Value> {
-    if let Some(c) = cursor {
-        body["cursor"] = json!(c);
-    }
-    Json(body)
+/// A page of DLQ entries, oldest failure first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DlqPage {
+    pub messages: Vec<DlqView>,
+    /// Present when more entries follow: pass it as `cursor` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cursor: Option<String>,
 }
 
-async fn list(State(state): State<AppState>, uri: Uri) -> Result<Json<Value>, ApiError> {
+/// How many entries a delete removed, and the cursor when a bulk delete left more.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct DlqDeleted {
+    pub deleted: usize,
+    /// Present when more entries are left: pass it as `cursor` to go on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cursor: Option<String>,
+}
+
+/// The new message a DLQ entry was published as.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Retried {
+    pub message_id: String,
+}
+
+/// The new messages of a bulk retry, and the cursor when more entries are left.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RetriedPage {
+    pub responses: Vec<Retried>,
+    /// Present when more entries are left: pass it as `cursor` to go on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cursor: Option<String>,
+}
+
+/// Dead-lettered messages.
+#[utoipa::path(get, path = "/v2/dlq", operation_id = "listDlq", tag = "dlq",
+    params(PageParams, DlqFilters, CommonFilters),
+    responses(
+        (status = 200, description = "A page of DLQ entries", body = DlqPage),
+        (status = 400, description = "A bad count, cursor or filter", body = ErrorBody),
+    ))]
+pub async fn list(State(state): State<AppState>, uri: Uri) -> Result<Reply<DlqPage>, ApiError> {
     let count = Query::parse(&uri).count(DEFAULT_COUNT, MAX_COUNT)?;
     let (page, cursor) = select(&state, &uri, None, count).await?;
-    Ok(with_cursor(
-        json!({ "messages": page.iter().map(render::dlq).collect::<Vec<_>>() }),
+    Ok(Reply(DlqPage {
+        messages: page.iter().map(render::dlq).collect(),
         cursor,
-    ))
+    }))
 }
 
 async fn find(state: &AppState, id: String) -> Result<DlqRecord, ApiError> {
@@ -110,33 +151,59 @@ async fn find(state: &AppState, id: String) -> Result<DlqRecord, ApiError> {
         .ok_or_else(|| ApiError::NotFound("dlq entry not found".into()))
 }
 
-async fn get_one(
+/// One DLQ entry.
+#[utoipa::path(get, path = "/v2/dlq/{id}", operation_id = "getDlqEntry", tag = "dlq",
+    params(("id" = String, Path, description = "DLQ id")),
+    responses(
+        (status = 200, description = "The entry", body = DlqView),
+        (status = 404, description = "No such entry", body = ErrorBody),
+    ))]
+pub async fn get_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(render::dlq(&find(&state, id).await?)))
+) -> Result<Reply<DlqView>, ApiError> {
+    Ok(Reply(render::dlq(&find(&state, id).await?)))
 }
 
-async fn delete_one(
+/// Deletes one DLQ entry.
+#[utoipa::path(delete, path = "/v2/dlq/{id}", operation_id = "deleteDlqEntry", tag = "dlq",
+    params(("id" = String, Path, description = "DLQ id")),
+    responses(
+        (status = 200, description = "Deleted", body = DlqDeleted),
+        (status = 404, description = "No such entry", body = ErrorBody),
+    ))]
+pub async fn delete_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<DlqDeleted>, ApiError> {
     let record = find(&state, id).await?;
     let deleted = delete(&state, vec![record]).await?;
-    Ok(Json(json!({ "deleted": deleted })))
+    Ok(Reply(DlqDeleted {
+        deleted,
+        cursor: None,
+    }))
 }
 
-async fn delete_many(
+/// Deletes the entries named (query `dlqIds` or body), else the filtered, else all, at most
+/// `count` per call.
+#[utoipa::path(delete, path = "/v2/dlq", operation_id = "deleteDlqEntries", tag = "dlq",
+    params(PageParams, DlqFilters, CommonFilters),
+    request_body(content = Option<IdsBody>, description = "Optional: `{\"dlqIds\": [...]}`"),
+    responses(
+        (status = 200, description = "Deleted", body = DlqDeleted),
+        (status = 400, description = "A bad body, count, cursor or filter", body = ErrorBody),
+    ))]
+pub async fn delete_many(
     State(state): State<AppState>,
     uri: Uri,
     BoundedBody(body): BoundedBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<DlqDeleted>, ApiError> {
     let q = Query::parse(&uri);
     q.refuse_unknown(&["messageId", "responseStatus", "dlqIds", "count", "cursor"])?;
     let count = q.count(MAX_BULK, MAX_BULK)?;
     let (targets, cursor) = select(&state, &uri, Some(&body), count).await?;
     let deleted = delete(&state, targets).await?;
-    Ok(with_cursor(json!({ "deleted": deleted }), cursor))
+    Ok(Reply(DlqDeleted { deleted, cursor }))
 }
 
 /// Tombstones the entries; returns how many.
@@ -151,32 +218,49 @@ async fn delete(state: &AppState, records: Vec<DlqRecord>) -> Result<usize, ApiE
     Ok(records.len())
 }
 
-async fn retry_one(
+/// Publishes a DLQ entry's message again (as a new message) and removes the entry; `Upstash-*`
+/// headers of this call override the original settings.
+#[utoipa::path(post, path = "/v2/dlq/retry/{id}", operation_id = "retryDlqEntry", tag = "dlq",
+    params(("id" = String, Path, description = "DLQ id"), MessageHeaders),
+    responses(
+        (status = 201, description = "Published again", body = Retried),
+        (status = 400, description = "A bad header", body = ErrorBody),
+        (status = 404, description = "No such entry", body = ErrorBody),
+    ))]
+pub async fn retry_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Reply<Retried>), ApiError> {
     let record = find(&state, id).await?;
     let message_id = retry(&state, record, &headers).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "messageId": message_id })),
-    ))
+    Ok((StatusCode::CREATED, Reply(Retried { message_id })))
 }
 
-async fn retry_many(
+/// Retries the entries named (query `dlqIds` or body), else the filtered, else all, at most
+/// `count` per call.
+#[utoipa::path(post, path = "/v2/dlq/retry", operation_id = "retryDlqEntries", tag = "dlq",
+    params(PageParams, DlqFilters, CommonFilters, MessageHeaders),
+    request_body(content = Option<IdsBody>, description = "Optional: `{\"dlqIds\": [...]}`"),
+    responses(
+        (status = 200, description = "Published again", body = RetriedPage),
+        (status = 400, description = "A bad body, header, count, cursor or filter", body = ErrorBody),
+    ))]
+pub async fn retry_many(
     State(state): State<AppState>,
     uri: Uri,
     headers: HeaderMap,
     BoundedBody(body): BoundedBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<RetriedPage>, ApiError> {
     let count = Query::parse(&uri).count(MAX_BULK, MAX_BULK)?;
     let (targets, cursor) = select(&state, &uri, Some(&body), count).await?;
     let mut responses = Vec::new();
     for r in targets {
-        responses.push(json!({ "messageId": retry(&state, r, &headers).await? }));
+        responses.push(Retried {
+            message_id: retry(&state, r, &headers).await?,
+        });
     }
-    Ok(with_cursor(json!({ "responses": responses }), cursor))
+    Ok(Reply(RetriedPage { responses, cursor }))
 }
 
 /// Publishes the entry's message again as a new message, then removes the entry.

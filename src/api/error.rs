@@ -5,6 +5,8 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use rdkafka::error::KafkaError;
 
@@ -12,6 +14,21 @@ use crate::kafka::producer::{is_permanent, is_timeout, is_too_large};
 use crate::kafka::transaction::TxError;
 use crate::model::destination::DestinationError;
 use crate::model::headers::HeaderError;
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong, for a human.
+    pub error: String,
+}
+
+impl ErrorBody {
+    pub fn of(e: &ApiError) -> Self {
+        ErrorBody {
+            error: e.to_string(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -122,11 +139,7 @@ impl IntoResponse for ApiError {
         } else if status.is_server_error() {
             tracing::error!(status = status.as_u16(), error = %self, "request failed");
         }
-        let mut response = (
-            status,
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response();
+        let mut response = (status, Json(ErrorBody::of(&self))).into_response();
         if overloaded {
             response.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,

@@ -7,12 +7,14 @@
 use axum::extract::State;
 use axum::http::Uri;
 use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Router;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::messages::query_store;
-use super::query::{Filter, Query};
+use super::query::{CommonFilters, Filter, LogFilters, PageParams, Query};
+use super::render::{EventView, Reply};
 use super::{render, AppState};
 
 /// Entries per page without `count`.
@@ -22,16 +24,60 @@ const MAX_COUNT: usize = 1000;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v2/events", get(|s, u| list(s, u, "events")))
-        .route("/v2/logs", get(|s, u| list(s, u, "logs")))
+        .route("/v2/events", get(events))
+        .route("/v2/logs", get(logs))
 }
 
-async fn list(
+/// A page of the log under `events`, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EventsPage {
+    pub events: Vec<EventView>,
+    /// Present when more entries follow: pass it as `cursor` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cursor: Option<String>,
+}
+
+/// A page of the log under `logs`, newest first.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct LogsPage {
+    pub logs: Vec<EventView>,
+    /// Present when more entries follow: pass it as `cursor` for the next page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cursor: Option<String>,
+}
+
+/// The message log, newest first (the SDKs' call).
+#[utoipa::path(get, path = "/v2/events", operation_id = "listEvents", tag = "logs",
+    params(PageParams, LogFilters, CommonFilters),
+    responses(
+        (status = 200, description = "A page of log entries", body = EventsPage),
+        (status = 400, description = "A bad count, cursor or filter", body = ErrorBody),
+    ))]
+pub async fn events(
     State(state): State<AppState>,
     uri: Uri,
-    key: &'static str,
-) -> Result<Json<Value>, ApiError> {
-    let q = Query::parse(&uri);
+) -> Result<Reply<EventsPage>, ApiError> {
+    let (events, cursor) = list(&state, &uri).await?;
+    Ok(Reply(EventsPage { events, cursor }))
+}
+
+/// The message log, newest first (the current docs' call).
+#[utoipa::path(get, path = "/v2/logs", operation_id = "listLogs", tag = "logs",
+    params(PageParams, LogFilters, CommonFilters),
+    responses(
+        (status = 200, description = "A page of log entries", body = LogsPage),
+        (status = 400, description = "A bad count, cursor or filter", body = ErrorBody),
+    ))]
+pub async fn logs(State(state): State<AppState>, uri: Uri) -> Result<Reply<LogsPage>, ApiError> {
+    let (logs, cursor) = list(&state, &uri).await?;
+    Ok(Reply(LogsPage { logs, cursor }))
+}
+
+/// A page of entries and the cursor after it, if more follow.
+async fn list(state: &AppState, uri: &Uri) -> Result<(Vec<EventView>, Option<String>), ApiError> {
+    let q = Query::parse(uri);
     let count = q.count(DEFAULT_COUNT, MAX_COUNT)?;
     let before = q
         .one("cursor")
@@ -48,11 +94,10 @@ async fn list(
     .await?;
     let more = page.len() > count;
     page.truncate(count);
-    let mut body = json!({ key: page.iter().map(|(_, e)| render::event(e)).collect::<Vec<_>>() });
-    if more {
-        if let Some((k, _)) = page.last() {
-            body["cursor"] = json!(k.to_string());
-        }
-    }
-    Ok(Json(body))
+    let cursor = if more {
+        page.last().map(|(k, _)| k.to_string())
+    } else {
+        None
+    };
+    Ok((page.iter().map(|(_, e)| render::event(e)).collect(), cursor))
 }

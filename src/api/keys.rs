@@ -10,10 +10,12 @@
 
 use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Router;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::error::ApiError;
+use super::render::Reply;
 use super::AppState;
 use crate::model::now_ms;
 use crate::model::signing_keys::SigningKeysRecord;
@@ -25,19 +27,31 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v2/keys", get(get_keys))
         .route("/v2/keys/rotate", post(rotate))
-        .route("/v2/rotate", post(rotate))
+        .route("/v2/rotate", post(rotate_alias))
 }
 
-fn keys(current: &str, next: &str) -> Json<Value> {
-    Json(json!({ "current": current, "next": next }))
+/// The signing keys: `Upstash-Signature` is signed with `current`; `next` replaces it on rotation.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SigningKeys {
+    pub current: String,
+    pub next: String,
 }
 
-async fn get_keys(State(state): State<AppState>) -> Json<Value> {
+/// The signing keys.
+#[utoipa::path(get, path = "/v2/keys", operation_id = "getSigningKeys", tag = "keys",
+    responses((status = 200, description = "The current and next signing keys", body = SigningKeys)))]
+pub async fn get_keys(State(state): State<AppState>) -> Reply<SigningKeys> {
     let signer = &state.views().signer;
-    keys(&signer.current_key(), &signer.next_key())
+    Reply(SigningKeys {
+        current: signer.current_key(),
+        next: signer.next_key(),
+    })
 }
 
-async fn rotate(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Rotates the signing keys: next becomes current, a fresh key becomes next, in every process.
+#[utoipa::path(post, path = "/v2/keys/rotate", operation_id = "rotateSigningKeys", tag = "keys",
+    responses((status = 200, description = "The new current and next signing keys", body = SigningKeys)))]
+pub async fn rotate(State(state): State<AppState>) -> Result<Reply<SigningKeys>, ApiError> {
     let _one_at_a_time = ROTATION.lock().await;
     let signer = &state.views().signer;
     // Before the topic was seeded (its seed write failed), rotate from the configured keys.
@@ -51,5 +65,15 @@ async fn rotate(State(state): State<AppState>) -> Result<Json<Value>, ApiError> 
         .await
         .map_err(|e| ApiError::not_stored("key rotation", &e))?;
     tracing::info!("signing keys rotated");
-    Ok(keys(&rotated.current, &rotated.next))
+    Ok(Reply(SigningKeys {
+        current: rotated.current,
+        next: rotated.next,
+    }))
+}
+
+/// The Go SDK's spelling of [`rotate`].
+#[utoipa::path(post, path = "/v2/rotate", operation_id = "rotateSigningKeysGo", tag = "keys",
+    responses((status = 200, description = "The new current and next signing keys", body = SigningKeys)))]
+pub async fn rotate_alias(state: State<AppState>) -> Result<Reply<SigningKeys>, ApiError> {
+    rotate(state).await
 }

@@ -22,7 +22,7 @@ use axum::response::Response;
 use axum::routing::post;
 use axum::Router;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::limits::read_body;
 use super::AppState;
 use crate::config::LlmConfig;
@@ -35,8 +35,6 @@ pub const LLM_API: &str = "api/llm";
 pub const CHAT_COMPLETIONS_PATH: &str = "/v1/chat/completions";
 /// Header carrying the configured token.
 const AUTHORIZATION: &str = "Authorization";
-/// The chat proxy's route (the TS SDK's `client.chat()`).
-pub const CHAT_ROUTE: &str = "/llm/v1/chat/completions";
 /// Fields the TS SDK puts into the chat request for itself; an OpenAI-compatible endpoint may
 /// refuse them, so the proxy takes them out.
 const SDK_ONLY_FIELDS: [&str; 3] = ["provider", "system", "analytics"];
@@ -49,7 +47,8 @@ const CHAT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 const CHAT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn router() -> Router<AppState> {
-    Router::new().route(CHAT_ROUTE, post(chat))
+    // The TS SDK's `client.chat()`.
+    Router::new().route("/llm/v1/chat/completions", post(chat))
 }
 
 /// Where `api/llm` goes, from `[llm]`.
@@ -125,13 +124,22 @@ impl Llm {
     }
 }
 
-/// `POST /llm/v1/chat/completions`: the chat request to the configured endpoint, its answer back.
-async fn chat(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+/// The TS SDK's deprecated synchronous chat call, proxied to `llm.base_url`.
+#[utoipa::path(post, path = "/llm/v1/chat/completions", operation_id = "chatCompletions", tag = "llm",
+    request_body(content = Object, content_type = "application/json",
+        description = "An OpenAI chat-completion request (the TS SDK's `provider`, `system` and `analytics` fields are removed)"),
+    responses(
+        (status = 200, description = "The endpoint's answer as it streams: a chat completion, or server-sent events with `stream: true`; other statuses are the endpoint's own", body = Object),
+        (status = 400, description = "No `llm.base_url` configured, or the body is not a JSON object", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 502, description = "The endpoint did not answer", body = ErrorBody),
+    ))]
+pub async fn chat(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let llm = &state.llm;
     let url = llm
         .url
         .as_deref()
-        .ok_or_else(|| Llm::not_configured(CHAT_ROUTE))?;
+        .ok_or_else(|| Llm::not_configured("the chat proxy"))?;
     let body = read_body(request.into_body(), state.body_limit).await?;
     let mut chat: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("a chat request is a JSON object: {e}")))?;

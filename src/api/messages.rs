@@ -8,16 +8,19 @@
 
 use std::sync::Arc;
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::routing::{delete, get};
-use axum::{Json, Router};
+use axum::Router;
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::error::ApiError;
-use super::query::{unique, Filter, IdsBody, Query};
+use super::error::{ApiError, ErrorBody};
+use super::query::{unique, CancelFilters, CommonFilters, Filter, IdsBody, Query};
+use super::render::{MessageView, Reply};
 use super::{render, AppState};
 use crate::model::cancel::CancelRecord;
 use crate::model::envelope::Envelope;
@@ -33,6 +36,12 @@ pub fn router() -> Router<AppState> {
         .route("/v2/messages/{id}", get(get_message).delete(cancel_one))
         .route("/v2/messages/", delete(missing_id).get(missing_id))
         .route("/v2/messages", delete(cancel_many))
+}
+
+/// `{"cancelled": n}`: how many cancels were recorded.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Cancelled {
+    pub cancelled: usize,
 }
 
 /// A view error is a server problem, not the client's.
@@ -52,13 +61,20 @@ pub async fn query_store<T: Send + 'static>(
         .map_err(unavailable)
 }
 
-async fn get_message(
+/// A pending message.
+#[utoipa::path(get, path = "/v2/messages/{id}", operation_id = "getMessage", tag = "messages",
+    params(("id" = String, Path, description = "Message id")),
+    responses(
+        (status = 200, description = "The message, not yet delivered, failed or cancelled", body = MessageView),
+        (status = 404, description = "Delivered, failed, cancelled or unknown", body = ErrorBody),
+    ))]
+pub async fn get_message(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<MessageView>, ApiError> {
     let found = query_store(&state.views().store, move |s| s.message(&id)).await?;
     match found {
-        Some(m) => Ok(Json(Value::Object(render::message(&m)))),
+        Some(m) => Ok(Reply(render::message(&m))),
         None => Err(ApiError::NotFound(
             "message not found (delivered, failed, cancelled or unknown)".into(),
         )),
@@ -69,10 +85,17 @@ async fn missing_id() -> ApiError {
     ApiError::BadRequest("message id is missing".into())
 }
 
-async fn cancel_one(
+/// Cancels a pending message.
+#[utoipa::path(delete, path = "/v2/messages/{id}", operation_id = "cancelMessage", tag = "messages",
+    params(("id" = String, Path, description = "Message id")),
+    responses(
+        (status = 202, description = "Cancel recorded", body = Cancelled),
+        (status = 404, description = "Delivered, failed, cancelled or unknown", body = ErrorBody),
+    ))]
+pub async fn cancel_one(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Reply<Cancelled>), ApiError> {
     let found = query_store(&state.views().store, move |s| s.message(&id)).await?;
     let Some(message) = found else {
         return Err(ApiError::NotFound(
@@ -80,18 +103,22 @@ async fn cancel_one(
         ));
     };
     let cancelled = cancel(&state, vec![message]).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "cancelled": cancelled })),
-    ))
+    Ok((StatusCode::ACCEPTED, Reply(Cancelled { cancelled })))
 }
 
 /// Bulk cancel: ids from the query (`messageIds`) or a JSON body; else filters; else all.
-async fn cancel_many(
+#[utoipa::path(delete, path = "/v2/messages", operation_id = "cancelMessages", tag = "messages",
+    params(CancelFilters, CommonFilters),
+    request_body(content = Option<IdsBody>, description = "Optional: `{\"messageIds\": [...]}`"),
+    responses(
+        (status = 202, description = "Cancels recorded", body = Cancelled),
+        (status = 400, description = "A bad body or filter", body = ErrorBody),
+    ))]
+pub async fn cancel_many(
     State(state): State<AppState>,
     uri: Uri,
     BoundedBody(body): BoundedBody,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Reply<Cancelled>), ApiError> {
     let q = Query::parse(&uri);
     // `count` is the TS SDK's legacy batch size; it changes nothing here.
     q.refuse_unknown(&["host", "path", "messageIds", "count"])?;
@@ -118,10 +145,7 @@ async fn cancel_many(
         .await?
     };
     let cancelled = cancel(&state, targets).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "cancelled": cancelled })),
-    ))
+    Ok((StatusCode::ACCEPTED, Reply(Cancelled { cancelled })))
 }
 
 /// Records cancel requests for `messages` (a cancel record, then a CANCEL_REQUESTED event);

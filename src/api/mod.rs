@@ -1,5 +1,6 @@
 //! The QStash v2 HTTP API. Each resource is a file exporting a `router()`; this file assembles them
-//! behind authentication and gives unknown routes a JSON 404/405.
+//! behind authentication and gives unknown routes a JSON 404/405. `/health*` and `/openapi.json`
+//! (the OpenAPI document of it all, `openapi`) need no token.
 //!
 //! The API only validates and produces to Kafka; it knows nothing of delivery.
 
@@ -8,12 +9,14 @@ pub mod batch;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod extract;
 pub mod flow_control;
 pub mod health;
 pub mod keys;
 pub mod limits;
 pub mod llm;
 pub mod messages;
+pub mod openapi;
 pub mod publish;
 pub mod query;
 pub mod queues;
@@ -106,8 +109,13 @@ pub fn router(state: AppState) -> Router {
             state.request_limits.clone(),
             limits::enforce,
         ));
-    Router::new()
+    // No token needed; an unsupported method is answered in JSON like everywhere else.
+    let public = Router::new()
         .merge(health::router())
+        .merge(openapi::router())
+        .method_not_allowed_fallback(method_not_allowed);
+    Router::new()
+        .merge(public)
         .merge(v2)
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         .with_state(state)

@@ -22,15 +22,17 @@ use std::net::SocketAddr;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use serde_json::{json, Value};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::limits::read_body;
 use super::messages::query_store;
+use super::render::Reply;
 use super::AppState;
 use crate::kafka::record::Record;
 use crate::model::dedup::{DedupRecord, DEDUP_VERSION};
@@ -57,6 +59,114 @@ pub fn router() -> Router<AppState> {
         .route("/v2/enqueue/{*rest}", post(enqueue))
         .route("/v2/enqueue/", post(enqueue))
         .route("/v2/enqueue", post(enqueue))
+}
+
+/// A stored (or deduplicated) message.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Published {
+    pub message_id: String,
+    /// The destination URL.
+    pub url: String,
+    /// `true` when this was a duplicate of an earlier publish: `messageId` is the original's and
+    /// nothing was stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub deduplicated: Option<bool>,
+}
+
+/// The answer of a publish: one message for a URL, an array (one per endpoint) for a URL group.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum PublishAnswer {
+    Url(Published),
+    UrlGroup(Vec<Published>),
+}
+
+// The `Upstash-*` request headers, read by `model::headers` (any case, `Upstash-Forward-*` by
+// prefix, which no extractor reads); these types only describe them in the OpenAPI document,
+// hence never built.
+
+/// Settings of the message, taken by publish, enqueue, schedules and DLQ retry.
+/// Also: `Upstash-Forward-<Name>` (forwarded to the destination as `<Name>`), and
+/// `Upstash-Callback-<Setting>` / `Upstash-Failure-Callback-<Setting>` (`Method`, `Timeout`,
+/// `Retries`, `Retry-Delay`, `Delay`, `Forward-<Name>`) configuring the callback messages.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct MessageHeaders {
+    /// HTTP method of the delivery (default POST).
+    #[param(
+        nullable = false,
+        rename = "Upstash-Method",
+        pattern = "^(GET|POST|PUT|PATCH|DELETE)$"
+    )]
+    method: Option<String>,
+    /// Per-attempt timeout: seconds, or a duration such as `30s`, `2m`.
+    #[param(nullable = false, rename = "Upstash-Timeout")]
+    timeout: Option<String>,
+    /// Retries after the first attempt.
+    #[param(nullable = false, rename = "Upstash-Retries", minimum = 0)]
+    retries: Option<u32>,
+    /// Delay before retry number `retried` (ms), an expression such as `1000 * pow(2, retried)`.
+    #[param(nullable = false, rename = "Upstash-Retry-Delay")]
+    retry_delay: Option<String>,
+    /// Labels, comma-separated.
+    #[param(nullable = false, rename = "Upstash-Label")]
+    label: Option<String>,
+    /// Absolute http(s) URL called after every attempt.
+    #[param(nullable = false, rename = "Upstash-Callback")]
+    callback: Option<String>,
+    /// Absolute http(s) URL called once, after the final failed attempt.
+    #[param(nullable = false, rename = "Upstash-Failure-Callback")]
+    failure_callback: Option<String>,
+    /// Flow-control key (with `Upstash-Flow-Control-Value`).
+    #[param(nullable = false, rename = "Upstash-Flow-Control-Key")]
+    flow_control_key: Option<String>,
+    /// `parallelism=<n>, rate=<n>, period=<duration>` (any of them).
+    #[param(nullable = false, rename = "Upstash-Flow-Control-Value")]
+    flow_control_value: Option<String>,
+    /// Fields the API shows as `REDACTED:<hex SHA-256>` while the delivery sends them as
+    /// published: `body`, `header` (all), `header[Name]`, comma-separated (`headers` also works).
+    #[param(nullable = false, rename = "Upstash-Redact-Fields")]
+    redact_fields: Option<String>,
+}
+
+/// `Upstash-Delay`: publish and schedules (refused on enqueue).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct DelayHeader {
+    /// Delay before the first attempt: seconds, or a duration such as `10s`, `5m`, `1h`.
+    #[param(nullable = false, rename = "Upstash-Delay")]
+    delay: Option<String>,
+}
+
+/// `Upstash-Not-Before`: publish only.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct NotBeforeHeader {
+    /// Not to be delivered before this unix time (seconds).
+    #[param(nullable = false, rename = "Upstash-Not-Before", minimum = 0)]
+    not_before: Option<i64>,
+}
+
+/// Deduplication: publish and enqueue.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct DedupHeaders {
+    /// A publish with the id of a live earlier one is not stored again.
+    #[param(nullable = false, rename = "Upstash-Deduplication-Id")]
+    deduplication_id: Option<String>,
+    /// `true`: deduplicate by destination, body and forwarded headers.
+    #[param(
+        nullable = false,
+        rename = "Upstash-Content-Based-Deduplication",
+        pattern = "^(true|false)$"
+    )]
+    content_based_deduplication: Option<String>,
 }
 
 /// One publish, parsed: where to, what, and how duplicates are recognised.
@@ -104,10 +214,24 @@ impl Publish {
     }
 }
 
-async fn publish(
+/// Publishes a message to a URL or a URL group.
+#[utoipa::path(post, path = "/v2/publish/{destination}", operation_id = "publish", tag = "messages",
+    params(
+        ("destination" = String, Path, description = "A URL (`https://example.com/x`, the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/hook"),
+        MessageHeaders, DelayHeader, NotBeforeHeader, DedupHeaders,
+    ),
+    request_body(content = String, content_type = "text/plain", description = "The message body, delivered as is (any content type; its `Content-Type` is forwarded)"),
+    responses(
+        (status = 200, description = "Stored: one message for a URL, an array for a URL group", body = PublishAnswer),
+        (status = 202, description = "A duplicate of an earlier publish; not stored again", body = PublishAnswer),
+        (status = 400, description = "A bad destination or header", body = ErrorBody),
+        (status = 404, description = "No such URL group", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
+pub async fn publish(
     State(state): State<AppState>,
     request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Reply<PublishAnswer>), ApiError> {
     let caller_ip = caller_ip(&request);
     let (parts, body) = request.into_parts();
     let destination = destination::from_uri(&parts.uri, PUBLISH_PREFIX)?;
@@ -117,13 +241,28 @@ async fn publish(
     let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, None, options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
-    Ok((status, Json(reply)))
+    Ok((status, Reply(reply)))
 }
 
-async fn enqueue(
+/// Enqueues a message to a FIFO queue (created with parallelism 1 when missing).
+#[utoipa::path(post, path = "/v2/enqueue/{queueName}/{destination}", operation_id = "enqueue", tag = "queues",
+    params(
+        ("queueName" = String, Path, description = "The queue", example = "orders"),
+        ("destination" = String, Path, description = "A URL (the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/hook"),
+        MessageHeaders, DedupHeaders,
+    ),
+    request_body(content = String, content_type = "text/plain", description = "The message body, delivered as is (any content type; its `Content-Type` is forwarded)"),
+    responses(
+        (status = 200, description = "Stored: one message for a URL, an array for a URL group", body = PublishAnswer),
+        (status = 202, description = "A duplicate of an earlier publish; not stored again", body = PublishAnswer),
+        (status = 400, description = "A bad queue name, destination or header (`Upstash-Delay` and `Upstash-Not-Before` are refused)", body = ErrorBody),
+        (status = 404, description = "No such URL group", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
+pub async fn enqueue(
     State(state): State<AppState>,
     request: Request,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
+) -> Result<(StatusCode, Reply<PublishAnswer>), ApiError> {
     let caller_ip = caller_ip(&request);
     let (parts, body) = request.into_parts();
     let rest = parts
@@ -141,7 +280,7 @@ async fn enqueue(
     let body = read_body(body, state.body_limit).await?.to_vec();
     let publish = Publish::new(destination, Some(queue), options, body, caller_ip, now);
     let (status, reply) = store(&state, publish).await?;
-    Ok((status, Json(reply)))
+    Ok((status, Reply(reply)))
 }
 
 /// `Upstash-Delay` and `Upstash-Not-Before` are refused on enqueue.
@@ -179,7 +318,10 @@ async fn ensure_queue(state: &AppState, queue: &str, now: i64) -> Result<(), Api
 
 /// Stores a publish (unless it is a duplicate) and answers as the SDKs expect: the status and
 /// the JSON (an object for a URL, an array for a URL group).
-pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Value), ApiError> {
+pub async fn store(
+    state: &AppState,
+    publish: Publish,
+) -> Result<(StatusCode, PublishAnswer), ApiError> {
     if let Some(queue) = &publish.queue {
         ensure_queue(state, queue, publish.now).await?;
     }
@@ -196,11 +338,11 @@ pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Va
                 .as_ref()
                 .map(|d| dedup_key(d, &envelope, false));
             if let Some(original) = duplicate_of(state, key.clone(), publish.now).await? {
-                return Ok((StatusCode::ACCEPTED, original));
+                return Ok((StatusCode::ACCEPTED, PublishAnswer::Url(original)));
             }
             accept(state, &envelope).await?;
             remember(state, key, &envelope).await;
-            json!({ "messageId": envelope.message_id, "url": envelope.url })
+            PublishAnswer::Url(Published::of(&envelope))
         }
         // Resolved by every caller (`Llm::resolve`); an unresolved one is refused.
         Destination::Api(name) => return Err(super::llm::unknown_api(name)),
@@ -225,8 +367,7 @@ pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Va
                 match duplicate_of(state, key.clone(), publish.now).await? {
                     Some(original) => replies.push(original),
                     None => {
-                        replies
-                            .push(json!({ "messageId": envelope.message_id, "url": envelope.url }));
+                        replies.push(Published::of(&envelope));
                         fresh.push((envelope, key));
                     }
                 }
@@ -243,7 +384,7 @@ pub async fn store(state: &AppState, publish: Publish) -> Result<(StatusCode, Va
             for (envelope, key) in fresh {
                 remember(state, key, &envelope).await;
             }
-            Value::Array(replies)
+            PublishAnswer::UrlGroup(replies)
         }
     };
     if let Some(values) = &publish.spec.flow_control {
@@ -257,19 +398,30 @@ async fn duplicate_of(
     state: &AppState,
     key: Option<String>,
     now: i64,
-) -> Result<Option<Value>, ApiError> {
+) -> Result<Option<Published>, ApiError> {
     let Some(key) = key else {
         return Ok(None);
     };
     let existing = query_store(&state.views().store, move |s| s.dedup(&key, now)).await?;
     Ok(existing.map(|original| {
         tracing::debug!(message_id = %original.message_id, "duplicate publish; not stored again");
-        json!({
-            "messageId": original.message_id,
-            "url": original.url,
-            "deduplicated": true,
-        })
+        Published {
+            message_id: original.message_id,
+            url: original.url,
+            deduplicated: Some(true),
+        }
     }))
+}
+
+impl Published {
+    /// A message just stored.
+    fn of(envelope: &Envelope) -> Self {
+        Published {
+            message_id: envelope.message_id.clone(),
+            url: envelope.url.clone(),
+            deduplicated: None,
+        }
+    }
 }
 
 /// Records the dedup key of a stored message. The message is stored either way; without the

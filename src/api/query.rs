@@ -6,6 +6,7 @@
 
 use axum::http::Uri;
 use serde::Deserialize;
+use utoipa::{IntoParams, ToSchema};
 
 use super::error::ApiError;
 use crate::model::dlq::DlqRecord;
@@ -100,10 +101,12 @@ pub const FILTER_KEYS: [&str; 10] = [
 ];
 
 /// Ids given in a JSON body (`{"messageIds":[…]}` / `{"dlqIds":[…]}`), as the Python SDK sends.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IdsBody {
+    /// Messages to act on (`DELETE /v2/messages`); an empty list acts on none.
     pub message_ids: Option<Vec<String>>,
+    /// DLQ entries to act on (`/v2/dlq`); an empty list acts on none.
     pub dlq_ids: Option<Vec<String>>,
 }
 
@@ -125,6 +128,108 @@ pub fn unique(ids: Vec<String>) -> Vec<String> {
     ids.into_iter()
         .filter(|id| seen.insert(id.clone()))
         .collect()
+}
+
+// The query parameters below are read by `Query` (repeated keys and comma-separated values, which
+// no extractor reads); these types only describe them in the OpenAPI document, hence never built.
+
+/// `count` and `cursor` of a paged list.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct PageParams {
+    /// Entries to return (or, on a bulk call, to work through) at most.
+    #[param(nullable = false, minimum = 1)]
+    count: Option<u32>,
+    /// The `cursor` of the previous page.
+    #[param(nullable = false)]
+    cursor: Option<String>,
+}
+
+/// Filters every list and bulk endpoint takes. Each may be repeated (or its values
+/// comma-separated): values of one filter are ORed, different filters ANDed.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct CommonFilters {
+    /// Destination URL.
+    #[param(nullable = false)]
+    url: Option<Vec<String>>,
+    #[param(nullable = false)]
+    label: Option<Vec<String>>,
+    /// IP address of the publisher (also spelled `callerIP`).
+    #[param(nullable = false)]
+    caller_ip: Option<Vec<String>>,
+    /// Same as `callerIp`.
+    #[param(nullable = false, rename = "callerIP")]
+    caller_ip_upper: Option<Vec<String>>,
+    #[param(nullable = false)]
+    queue_name: Option<Vec<String>>,
+    #[param(nullable = false)]
+    flow_control_key: Option<Vec<String>>,
+    /// URL group ("topic") name.
+    #[param(nullable = false)]
+    topic_name: Option<Vec<String>>,
+    #[param(nullable = false)]
+    schedule_id: Option<Vec<String>>,
+    /// Created (or, for the DLQ, failed) at or after (unix ms).
+    #[param(nullable = false)]
+    from_date: Option<i64>,
+    /// Created (or, for the DLQ, failed) at or before (unix ms).
+    #[param(nullable = false)]
+    to_date: Option<i64>,
+}
+
+/// Filters of the message log (`/v2/events`, `/v2/logs`).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct LogFilters {
+    #[param(nullable = false)]
+    message_id: Option<Vec<String>>,
+    #[param(nullable = false)]
+    message_ids: Option<Vec<String>>,
+    /// Host of the destination URL.
+    #[param(nullable = false)]
+    host: Option<Vec<String>>,
+    /// Path of the destination URL.
+    #[param(nullable = false)]
+    path: Option<Vec<String>>,
+    /// `CREATED`, `ACTIVE`, `RETRY`, `ERROR`, `DELIVERED`, `FAILED`, `CANCEL_REQUESTED`,
+    /// `CANCELED` (or `CANCELLED`), or `IN_PROGRESS` (any of ACTIVE, RETRY, ERROR).
+    #[param(nullable = false)]
+    state: Option<Vec<String>>,
+}
+
+/// What a bulk cancel (`DELETE /v2/messages`) acts on: the ids given, else the filtered, else all.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct CancelFilters {
+    /// Messages to cancel (with the body's `messageIds`); an empty value cancels none.
+    #[param(nullable = false)]
+    message_ids: Option<Vec<String>>,
+    /// Host of the destination URL.
+    #[param(nullable = false)]
+    host: Option<Vec<String>>,
+    /// Path of the destination URL.
+    #[param(nullable = false)]
+    path: Option<Vec<String>>,
+}
+
+/// Filters of the DLQ (`/v2/dlq`).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+#[allow(dead_code)]
+pub struct DlqFilters {
+    /// Entries to act on (with the body's `dlqIds`); an empty value acts on none.
+    #[param(nullable = false)]
+    dlq_ids: Option<Vec<String>>,
+    #[param(nullable = false)]
+    message_id: Option<Vec<String>>,
+    /// HTTP status of the last attempt.
+    #[param(nullable = false)]
+    response_status: Option<Vec<u16>>,
 }
 
 /// Filters of the list and bulk endpoints.

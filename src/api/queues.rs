@@ -6,15 +6,17 @@
 //! the local view of the events. Deleting a queue removes its settings; messages already in it are
 //! still delivered, in order, as in a new queue (parallelism 1); an enqueue re-creates it.
 
+use super::extract::Path;
 use super::limits::BoundedBody;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::messages::query_store;
+use super::render::{Deleted, Reply};
 use super::AppState;
 use crate::model::now_ms;
 use crate::model::queue::{validate_name, QueueRecord, DEFAULT_PARALLELISM};
@@ -24,39 +26,47 @@ pub fn router() -> Router<AppState> {
         .route("/v2/queues", get(list).post(upsert))
         .route("/v2/queues/", get(list).post(upsert))
         .route("/v2/queues/{name}", get(get_one).delete(delete_one))
-        .route(
-            "/v2/queues/{name}/pause",
-            post(|s, p| set_paused(s, p, true)),
-        )
-        .route(
-            "/v2/queues/{name}/resume",
-            post(|s, p| set_paused(s, p, false)),
-        )
+        .route("/v2/queues/{name}/pause", post(pause))
+        .route("/v2/queues/{name}/resume", post(resume))
 }
 
 /// The body of an upsert, as both SDKs send it.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct Upsert {
+pub struct Upsert {
     queue_name: String,
+    /// Messages of the queue delivered at once at most (default 1).
     #[serde(default)]
     parallelism: Option<u32>,
+    /// Default: unchanged (false for a new queue).
     #[serde(default)]
     paused: Option<bool>,
 }
 
 /// A queue as the SDKs read it (Python requires all six keys).
-async fn render(state: &AppState, q: QueueRecord) -> Result<Value, ApiError> {
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueView {
+    pub name: String,
+    pub parallelism: u32,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Messages of the queue not yet delivered, failed or cancelled.
+    pub lag: u64,
+    pub paused: bool,
+}
+
+async fn render(state: &AppState, q: QueueRecord) -> Result<QueueView, ApiError> {
     let name = q.name.clone();
     let lag = query_store(&state.views().store, move |s| s.queue_lag(&name)).await?;
-    Ok(json!({
-        "name": q.name,
-        "parallelism": q.parallelism,
-        "createdAt": q.created_at,
-        "updatedAt": q.updated_at,
-        "lag": lag,
-        "paused": q.paused,
-    }))
+    Ok(QueueView {
+        name: q.name,
+        parallelism: q.parallelism,
+        created_at: q.created_at,
+        updated_at: q.updated_at,
+        lag,
+        paused: q.paused,
+    })
 }
 
 fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
@@ -71,10 +81,18 @@ fn find(state: &AppState, name: &str) -> Result<QueueRecord, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("queue {name:?} not found")))
 }
 
-async fn upsert(
+/// Creates a queue or changes its settings.
+#[utoipa::path(post, path = "/v2/queues", operation_id = "upsertQueue", tag = "queues",
+    request_body = Upsert,
+    responses(
+        (status = 200, description = "The queue as saved", body = QueueView),
+        (status = 400, description = "A bad body or queue name", body = ErrorBody),
+        (status = 412, description = "Parallelism above the configured maximum", body = ErrorBody),
+    ))]
+pub async fn upsert(
     State(state): State<AppState>,
     BoundedBody(body): BoundedBody,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<QueueView>, ApiError> {
     let request: Upsert = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "body must be JSON {{\"queueName\", \"parallelism\"?, \"paused\"?}}: {e}"
@@ -110,40 +128,85 @@ async fn upsert(
     };
     tracing::info!(queue = %record.name, parallelism, paused = record.paused, "queue upserted");
     stored(state.writer.put(record.clone()).await)?;
-    Ok(Json(render(&state, record).await?))
+    Ok(Reply(render(&state, record).await?))
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Every queue.
+#[utoipa::path(get, path = "/v2/queues", operation_id = "listQueues", tag = "queues",
+    responses((status = 200, description = "Every queue", body = Vec<QueueView>)))]
+pub async fn list(State(state): State<AppState>) -> Result<Reply<Vec<QueueView>>, ApiError> {
     let mut out = Vec::new();
     for q in state.views().queues.list() {
         out.push(render(&state, q).await?);
     }
-    Ok(Json(Value::Array(out)))
+    Ok(Reply(out))
 }
 
-async fn get_one(
+/// One queue.
+#[utoipa::path(get, path = "/v2/queues/{name}", operation_id = "getQueue", tag = "queues",
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
+    responses(
+        (status = 200, description = "The queue", body = QueueView),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    ))]
+pub async fn get_one(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<QueueView>, ApiError> {
     let q = find(&state, &name)?;
-    Ok(Json(render(&state, q).await?))
+    Ok(Reply(render(&state, q).await?))
 }
 
-async fn delete_one(
+/// Deletes a queue's settings (its messages are still delivered, in order).
+#[utoipa::path(delete, path = "/v2/queues/{name}", operation_id = "deleteQueue", tag = "queues",
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    ))]
+pub async fn delete_one(
     State(state): State<AppState>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<Deleted>, ApiError> {
     find(&state, &name)?;
     stored(state.writer.remove::<QueueRecord>(&name).await)?;
     tracing::info!(queue = %name, "queue deleted");
-    Ok(Json(json!({ "deleted": 1 })))
+    Ok(Reply(Deleted { deleted: 1 }))
+}
+
+/// Pauses a queue: its messages wait until it is resumed.
+#[utoipa::path(post, path = "/v2/queues/{name}/pause", operation_id = "pauseQueue", tag = "queues",
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
+    responses(
+        (status = 200, description = "Paused", body = QueueView),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    ))]
+pub async fn pause(
+    state: State<AppState>,
+    name: Path<String>,
+) -> Result<Reply<QueueView>, ApiError> {
+    set_paused(state, name, true).await
+}
+
+/// Resumes a paused queue.
+#[utoipa::path(post, path = "/v2/queues/{name}/resume", operation_id = "resumeQueue", tag = "queues",
+    params(("name" = String, Path, description = "Queue name", example = "orders")),
+    responses(
+        (status = 200, description = "Resumed", body = QueueView),
+        (status = 404, description = "No such queue", body = ErrorBody),
+    ))]
+pub async fn resume(
+    state: State<AppState>,
+    name: Path<String>,
+) -> Result<Reply<QueueView>, ApiError> {
+    set_paused(state, name, false).await
 }
 
 async fn set_paused(
     State(state): State<AppState>,
     Path(name): Path<String>,
     paused: bool,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<QueueView>, ApiError> {
     let existing = find(&state, &name)?;
     let record = QueueRecord {
         paused,
@@ -152,5 +215,5 @@ async fn set_paused(
     };
     stored(state.writer.put(record.clone()).await)?;
     tracing::info!(queue = %name, paused, "queue paused or resumed");
-    Ok(Json(render(&state, record).await?))
+    Ok(Reply(render(&state, record).await?))
 }

@@ -9,17 +9,22 @@
 //! docs). A schedule JSON carries every field the SDKs read, with `lastScheduleTime`,
 //! `nextScheduleTime` and `lastScheduleStates` from the schedule's last fire.
 
-use axum::extract::{Path, Request, State};
+use super::extract::Path;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
-use super::error::ApiError;
+use axum::Router;
+use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
 use super::limits::read_body;
 use super::messages::query_store;
-use super::publish::caller_ip;
-use super::render::schedule as schedule_json;
+use super::publish::{caller_ip, DelayHeader, MessageHeaders};
+use super::render::{schedule as schedule_json, Deleted, FireState, Reply, ScheduleView};
 use super::AppState;
 use crate::model::destination::{self, Destination};
 use crate::model::event::State as EventState;
@@ -52,6 +57,30 @@ pub fn router() -> Router<AppState> {
         )
 }
 
+/// The id of a created (or updated) schedule.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleCreated {
+    pub schedule_id: String,
+}
+
+/// The schedule's own headers (read by `create`; this type only describes them in the OpenAPI
+/// document, hence never built).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct ScheduleHeaders {
+    /// Five cron fields, UTC unless prefixed with `CRON_TZ=<zone> `.
+    #[param(rename = "Upstash-Cron")]
+    cron: String,
+    /// Updates that schedule in place when it exists; else a new id is made.
+    #[param(nullable = false, rename = "Upstash-Schedule-Id")]
+    schedule_id: Option<String>,
+    /// Each fire enqueues to this queue.
+    #[param(nullable = false, rename = "Upstash-Queue-Name")]
+    queue_name: Option<String>,
+}
+
 /// `<id>/pause` or `<id>/resume` (an id has no `/` and no `:`, so a destination URL never looks
 /// like one).
 fn pause_action(rest: &str) -> Option<(String, bool)> {
@@ -69,21 +98,50 @@ async fn post_rest(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     request: Request,
-) -> Result<Json<Value>, ApiError> {
-    match pause_action(&rest) {
-        Some((id, paused)) => set_paused(state, id, paused).await,
-        None => create(state, request).await,
-    }
+) -> Result<Response, ApiError> {
+    Ok(match pause_action(&rest) {
+        Some((id, true)) => pause(state, id).await?.into_response(),
+        Some((id, false)) => resume(state, id).await?.into_response(),
+        None => create(state, request).await?.into_response(),
+    })
 }
 
 /// PATCH: pause or resume (the SDKs' form).
 async fn patch_rest(
     State(state): State<AppState>,
     Path(rest): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let (id, paused) = pause_action(&rest)
-        .ok_or_else(|| ApiError::NotFound(format!("no route for PATCH /v2/schedules/{rest}")))?;
-    set_paused(state, id, paused).await
+) -> Result<Reply<ScheduleView>, ApiError> {
+    match pause_action(&rest) {
+        Some((id, true)) => pause(state, id).await,
+        Some((id, false)) => resume(state, id).await,
+        None => Err(ApiError::NotFound(format!(
+            "no route for PATCH /v2/schedules/{rest}"
+        ))),
+    }
+}
+
+/// Pauses a schedule: it does not fire until resumed.
+#[utoipa::path(method(post, patch), path = "/v2/schedules/{scheduleId}/pause", operation_id = "pauseSchedule", tag = "schedules",
+    params(("scheduleId" = String, Path, description = "Schedule id", example = "nightly-report")),
+    responses(
+        (status = 200, description = "Paused", body = ScheduleView),
+        (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
+        (status = 404, description = "No such schedule", body = ErrorBody),
+    ))]
+pub async fn pause(state: AppState, id: String) -> Result<Reply<ScheduleView>, ApiError> {
+    set_paused(state, id, true).await
+}
+
+/// Resumes a paused schedule.
+#[utoipa::path(method(post, patch), path = "/v2/schedules/{scheduleId}/resume", operation_id = "resumeSchedule", tag = "schedules",
+    params(("scheduleId" = String, Path, description = "Schedule id", example = "nightly-report")),
+    responses(
+        (status = 200, description = "Resumed", body = ScheduleView),
+        (status = 400, description = "Not a valid schedule id (a POST is then read as a create, whose destination it is not)", body = ErrorBody),
+        (status = 404, description = "No such schedule", body = ErrorBody),
+    ))]
+pub async fn resume(state: AppState, id: String) -> Result<Reply<ScheduleView>, ApiError> {
+    set_paused(state, id, false).await
 }
 
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -96,7 +154,20 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError>
         .transpose()
 }
 
-async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiError> {
+/// Creates a schedule (or, with `Upstash-Schedule-Id`, updates it in place); each fire publishes
+/// the body with the settings of the `Upstash-*` headers.
+#[utoipa::path(post, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "createSchedule", tag = "schedules",
+    params(
+        ("scheduleIdOrDestination" = String, Path, description = "The destination: a URL (the raw rest of the path, query included) or the name of a URL group", example = "https://example.com/report"),
+        ScheduleHeaders, MessageHeaders, DelayHeader,
+    ),
+    request_body(content = String, content_type = "text/plain", description = "The body of each fired message (any content type; its `Content-Type` is forwarded)"),
+    responses(
+        (status = 200, description = "Saved", body = ScheduleCreated),
+        (status = 400, description = "A bad destination, cron or header", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+    ))]
+pub async fn create(state: AppState, request: Request) -> Result<Reply<ScheduleCreated>, ApiError> {
     let caller_ip = caller_ip(&request);
     let (parts, body) = request.into_parts();
     let destination = destination::from_uri(&parts.uri, SCHEDULES_PREFIX)?;
@@ -157,7 +228,7 @@ async fn create(state: AppState, request: Request) -> Result<Json<Value>, ApiErr
     };
     stored(state.writer.put(record).await)?;
     tracing::info!(schedule_id = %id, updated = existing.is_some(), "schedule saved");
-    Ok(Json(json!({ "scheduleId": id })))
+    Ok(Reply(ScheduleCreated { schedule_id: id }))
 }
 
 fn stored<T>(r: Result<T, rdkafka::error::KafkaError>) -> Result<T, ApiError> {
@@ -173,56 +244,72 @@ fn find(state: &AppState, id: &str) -> Result<ScheduleRecord, ApiError> {
 }
 
 /// `{messageId: IN_PROGRESS|SUCCESS|FAIL}` for the messages of the last fire.
-async fn last_states(state: &AppState, fire: Option<&ScheduleFire>) -> Result<Value, ApiError> {
+async fn last_states(
+    state: &AppState,
+    fire: Option<&ScheduleFire>,
+) -> Result<BTreeMap<String, FireState>, ApiError> {
     let ids = fire.map(|f| f.message_ids.clone()).unwrap_or_default();
-    let states = query_store(&state.views().store, move |s| {
-        let mut out = Map::new();
+    query_store(&state.views().store, move |s| {
+        let mut out = BTreeMap::new();
         for id in ids {
             let word = match s.final_state(&id)? {
-                None => "IN_PROGRESS",
-                Some(EventState::Delivered) => "SUCCESS",
-                Some(_) => "FAIL",
+                None => FireState::InProgress,
+                Some(EventState::Delivered) => FireState::Success,
+                Some(_) => FireState::Fail,
             };
-            out.insert(id, json!(word));
+            out.insert(id, word);
         }
         Ok(out)
     })
-    .await?;
-    Ok(Value::Object(states))
+    .await
 }
 
 /// A schedule as the SDKs read it (Python requires scheduleId, destination, cron, createdAt,
 /// method, retries).
-async fn render(state: &AppState, s: &ScheduleRecord) -> Result<Value, ApiError> {
+async fn render(state: &AppState, s: &ScheduleRecord) -> Result<ScheduleView, ApiError> {
     let fire = state.views().schedule_fires.get(&s.schedule_id);
-    let mut o = schedule_json(s, fire.as_ref(), now_ms());
-    o.insert(
-        "lastScheduleStates".into(),
-        last_states(state, fire.as_ref()).await?,
-    );
-    Ok(Value::Object(o))
+    let mut view = schedule_json(s, fire.as_ref(), now_ms());
+    view.last_schedule_states = Some(last_states(state, fire.as_ref()).await?);
+    Ok(view)
 }
 
-async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Every schedule.
+#[utoipa::path(get, path = "/v2/schedules", operation_id = "listSchedules", tag = "schedules",
+    responses((status = 200, description = "Every schedule", body = Vec<ScheduleView>)))]
+pub async fn list(State(state): State<AppState>) -> Result<Reply<Vec<ScheduleView>>, ApiError> {
     let mut out = Vec::new();
     for s in state.views().schedules.list() {
         out.push(render(&state, &s).await?);
     }
-    Ok(Json(Value::Array(out)))
+    Ok(Reply(out))
 }
 
-async fn get_one(
+/// One schedule.
+#[utoipa::path(get, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "getSchedule", tag = "schedules",
+    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id", example = "nightly-report")),
+    responses(
+        (status = 200, description = "The schedule", body = ScheduleView),
+        (status = 404, description = "No such schedule", body = ErrorBody),
+    ))]
+pub async fn get_one(
     State(state): State<AppState>,
     Path(rest): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<ScheduleView>, ApiError> {
     let s = find(&state, &rest)?;
-    Ok(Json(render(&state, &s).await?))
+    Ok(Reply(render(&state, &s).await?))
 }
 
-async fn delete_one(
+/// Deletes a schedule (messages it already published stay).
+#[utoipa::path(delete, path = "/v2/schedules/{scheduleIdOrDestination}", operation_id = "deleteSchedule", tag = "schedules",
+    params(("scheduleIdOrDestination" = String, Path, description = "The schedule id", example = "nightly-report")),
+    responses(
+        (status = 200, description = "Deleted", body = Deleted),
+        (status = 404, description = "No such schedule", body = ErrorBody),
+    ))]
+pub async fn delete_one(
     State(state): State<AppState>,
     Path(rest): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Reply<Deleted>, ApiError> {
     find(&state, &rest)?;
     stored(state.writer.remove::<ScheduleRecord>(&rest).await)?;
     // Its fire record goes too (best effort: without settings, a fire record is never used).
@@ -230,10 +317,14 @@ async fn delete_one(
         tracing::warn!(schedule_id = %rest, error = %e, "fire record of a deleted schedule not removed");
     }
     tracing::info!(schedule_id = %rest, "schedule deleted");
-    Ok(Json(json!({ "deleted": 1 })))
+    Ok(Reply(Deleted { deleted: 1 }))
 }
 
-async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Json<Value>, ApiError> {
+async fn set_paused(
+    state: AppState,
+    id: String,
+    paused: bool,
+) -> Result<Reply<ScheduleView>, ApiError> {
     let existing = find(&state, &id)?;
     let record = ScheduleRecord {
         paused,
@@ -242,5 +333,5 @@ async fn set_paused(state: AppState, id: String, paused: bool) -> Result<Json<Va
     };
     stored(state.writer.put(record.clone()).await)?;
     tracing::info!(schedule_id = %id, paused, "schedule paused or resumed");
-    Ok(Json(render(&state, &record).await?))
+    Ok(Reply(render(&state, &record).await?))
 }

@@ -12,7 +12,7 @@ use super::envelope::{base64_bytes, Envelope, HeaderMap};
 pub const EVENT_VERSION: u32 = 1;
 
 /// Message states as the SDKs spell them (`CANCELED`, one L).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum State {
     Created,

@@ -852,7 +852,10 @@ mod tests {
         }
         // Prefix look-alikes are not callback headers: unknown, so refused.
         let err = parse_publish(&headers(&[("Upstash-Callbacks", "x")])).unwrap_err();
-        assert!(err.0.contains("upstash-callbacks is not a QStash header"), "{err}");
+        assert!(
+            err.0.contains("upstash-callbacks is not a QStash header"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::destination::validate_url;
 pub const URL_GROUP_VERSION: u32 = 1;
 
 /// One endpoint of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Endpoint {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -36,7 +36,7 @@ pub struct UrlGroupRecord {
 crate::json_record!(UrlGroupRecord, "url_group", URL_GROUP_VERSION, key = name);
 
 /// A reference to an endpoint to remove: by URL, by name, or both must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
 pub struct EndpointRef {
     #[serde(default)]
     pub name: Option<String>,
