@@ -8,6 +8,8 @@
 //! `header` or `headers` (every header), `header[Name]` or `headers[Name]` (one header, any case).
 //! Anything else is refused, never ignored.
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -104,34 +106,53 @@ impl Redact {
     }
 
     /// `m` as the API may show it.
-    pub fn envelope(m: &Envelope) -> std::borrow::Cow<'_, Envelope> {
-        match &m.redact {
-            None => std::borrow::Cow::Borrowed(m),
-            Some(r) => {
-                let mut shown = m.clone();
-                shown.header = r.header_map(&m.header);
-                if let Some(body) = r.body_bytes(&m.body) {
-                    shown.body = body;
-                }
-                std::borrow::Cow::Owned(shown)
-            }
-        }
+    pub fn envelope(m: &Envelope) -> Cow<'_, Envelope> {
+        shown(m)
     }
 
     /// A schedule's message as the API may show it.
-    pub fn spec(m: &MessageSpec) -> std::borrow::Cow<'_, MessageSpec> {
-        match &m.redact {
-            None => std::borrow::Cow::Borrowed(m),
-            Some(r) => {
-                let mut shown = m.clone();
-                shown.header = r.header_map(&m.header);
-                if let Some(body) = r.body_bytes(&m.body) {
-                    shown.body = body;
-                }
-                std::borrow::Cow::Owned(shown)
-            }
-        }
+    pub fn spec(m: &MessageSpec) -> Cow<'_, MessageSpec> {
+        shown(m)
     }
+}
+
+/// A message (or a schedule's message template): its redaction and the fields it covers.
+trait Redactable: Clone {
+    fn redaction(&self) -> Option<&Redact>;
+    fn header_and_body(&mut self) -> (&mut HeaderMap, &mut Vec<u8>);
+}
+
+impl Redactable for Envelope {
+    fn redaction(&self) -> Option<&Redact> {
+        self.redact.as_ref()
+    }
+    fn header_and_body(&mut self) -> (&mut HeaderMap, &mut Vec<u8>) {
+        (&mut self.header, &mut self.body)
+    }
+}
+
+impl Redactable for MessageSpec {
+    fn redaction(&self) -> Option<&Redact> {
+        self.redact.as_ref()
+    }
+    fn header_and_body(&mut self) -> (&mut HeaderMap, &mut Vec<u8>) {
+        (&mut self.header, &mut self.body)
+    }
+}
+
+/// `m` with its redacted values replaced (borrowed as it is when it redacts nothing).
+fn shown<T: Redactable>(m: &T) -> Cow<'_, T> {
+    let Some(r) = m.redaction() else {
+        return Cow::Borrowed(m);
+    };
+    let r = r.clone();
+    let mut shown = m.clone();
+    let (header, body) = shown.header_and_body();
+    *header = r.header_map(header);
+    if let Some(redacted_body) = r.body_bytes(body) {
+        *body = redacted_body;
+    }
+    Cow::Owned(shown)
 }
 
 #[cfg(test)]
